@@ -1,0 +1,15 @@
+"""Typed configuration: schema, YAML loading with overrides, generated documentation."""
+
+from ia2ray.config.load import ConfigError, dump_yaml, load_run_config, parse_override, study_defaults
+from ia2ray.config.schema import PIPELINES, RunConfig, StudyFile
+
+__all__ = [
+    "ConfigError",
+    "PIPELINES",
+    "RunConfig",
+    "StudyFile",
+    "dump_yaml",
+    "load_run_config",
+    "parse_override",
+    "study_defaults",
+]

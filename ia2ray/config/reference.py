@@ -1,0 +1,55 @@
+"""Render the config models as documentation: commented example YAML and a Markdown reference.
+
+Both come from the pydantic field descriptions, so the CLI help, the example YAML and the README's
+config reference cannot drift apart (a test checks the README against `markdown_reference()`).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Iterator
+
+from pydantic import BaseModel
+
+from ia2ray.config.schema import RunConfig
+
+
+def _fields(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, object, str, bool]]:
+    """Yield (dotted key, default, description, is_section) depth-first in declaration order."""
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            yield prefix + name, None, (ann.__doc__ or "").strip(), True
+            yield from _fields(ann, prefix + name + ".")
+        else:
+            default = field.get_default(call_default_factory=True)
+            yield prefix + name, default, field.description or "", False
+
+
+def _show(value: object) -> str:
+    return json.dumps(value) if not isinstance(value, str) else value
+
+
+def example_yaml(model: type[BaseModel] = RunConfig) -> str:
+    """Every key with its default value and its description as a comment."""
+    lines = []
+    for key, default, doc, is_section in _fields(model):
+        depth = key.count(".")
+        name = key.rsplit(".", 1)[-1]
+        pad = "  " * depth
+        if is_section:
+            lines.append(f"{pad}{name}:")
+            continue
+        value = "null" if default is None else json.dumps(default)
+        lines.append(f"{pad}{name}: {value}  # {doc}")
+    return "\n".join(lines) + "\n"
+
+
+def markdown_reference(model: type[BaseModel] = RunConfig) -> str:
+    """A Markdown table: key, default, meaning."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for key, default, doc, is_section in _fields(model):
+        if not is_section:
+            shown = "null" if default is None else _show(default)
+            rows.append(f"| `{key}` | `{shown}` | {doc.replace('|', '/')} |")
+    return "\n".join(rows) + "\n"

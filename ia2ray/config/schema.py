@@ -1,0 +1,207 @@
+"""Typed configuration of one IA2 run: the single source of truth for defaults, CLI help and the
+README's config reference.
+
+Every model forbids unknown keys. Field descriptions are written for users: they are printed by
+`python -m ia2ray.run --print-config` and rendered into the README by `ia2ray.config.reference`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+PIPELINES = ("sft", "ia2", "ia2->sft", "ia2+sft", "sft-icl")
+LAYER_SPEC = re.compile(r"^(all|band:\d+:\d+|every:\d+(:\d+)?)$")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    path: str = Field(
+        "builtin:tiny-llama",
+        description="Hugging Face hub id or local directory of a causal LM (`AutoModelForCausalLM`). "
+        "`builtin:tiny-<arch>` (llama, qwen2, qwen3, mistral, gpt2) builds a tiny random model locally.",
+    )
+    revision: Optional[str] = Field(None, description="Hub revision (branch, tag or commit) to load.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Weights dtype of the model used for training and evaluation."
+    )
+    trust_remote_code: bool = Field(False, description="Passed to transformers' `from_pretrained`.")
+
+
+class TaskConfig(Section):
+    name: str = Field("toy/polarity", description="Registered task name (see `ia2ray.data.tasks`).")
+    path: Optional[str] = Field(
+        None, description="Local jsonl/csv/parquet file with the task's columns, used instead of the hub."
+    )
+    eval_path: Optional[str] = Field(
+        None, description="Local file for the evaluation pool; default: the task's eval split."
+    )
+
+
+class DataConfig(Section):
+    n: int = Field(4, ge=1, description="N: number of training examples (each is prompted with the other N-1 as demos).")
+    seed: int = Field(0, description="Seed of the N-shot subset (the paper uses 5 seeds per N).")
+    val_size: int = Field(64, ge=1, description="Validation examples (model selection), drawn from the train pool.")
+    test_size: int = Field(128, ge=1, description="Held-out test examples (reporting only), from the eval pool.")
+    train_pool: int = Field(2000, ge=1, description="Size of the seeded train pool (paper: 2000).")
+    eval_pool: int = Field(500, ge=1, description="Size of the seeded eval pool (paper: 500).")
+
+
+class LoraConfig(Section):
+    rank: int = Field(8, ge=1, description="LoRA rank r (paper: 8).")
+    alpha: float = Field(8.0, gt=0, description="LoRA alpha (paper: 8).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout (paper: 0).")
+    targets: list[str] = Field(
+        ["q_proj", "k_proj", "o_proj"],
+        min_length=1,
+        description="Modules to adapt. q_proj/k_proj/v_proj/o_proj are mapped per architecture "
+        "(GPT-2: c_attn, attn.c_proj); other names must exist in the model. Paper: qko.",
+    )
+    layers: Optional[list[int]] = Field(None, description="Restrict LoRA to these decoder layers (default: all).")
+
+
+class AlignConfig(Section):
+    layers: Union[str, list[int]] = Field(
+        "all",
+        description="Aligned layers: `all`, `band:START:WIDTH`, `every:K[:OFFSET]`, or a list of indices.",
+    )
+    layer_weights: Optional[list[float]] = Field(
+        None, description="Per-layer loss weights, one per aligned layer (default: 1 each)."
+    )
+    site: Literal["attn_out", "residual"] = Field(
+        "attn_out", description="Activation site: self-attention output after o_proj (paper), or the residual stream."
+    )
+    max_new_tokens: Optional[int] = Field(
+        None, ge=1, description="G: tokens the teacher decodes (default: the task's, 1 for label tasks)."
+    )
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_syntax(cls, v):
+        if isinstance(v, str) and not LAYER_SPEC.match(v):
+            raise ValueError("must be 'all', 'band:START:WIDTH', 'every:K[:OFFSET]' or a list of layer indices")
+        if isinstance(v, list) and (not v or len(set(v)) != len(v) or min(v) < 0):
+            raise ValueError("layer list must be non-empty, non-negative and without duplicates")
+        return v
+
+
+class LossConfig(Section):
+    align: Literal["mse", "nmse", "cosine"] = Field(
+        "mse", description="Alignment loss: paper MSE (x number of layers), normalised MSE, or 1 - cosine."
+    )
+    ce_weight: float = Field(
+        0.01, ge=0, le=1, description="b of the joint ia2+sft loss (1-b)*align + b*CE (paper grid: 0.001-0.9)."
+    )
+
+
+class LrConfig(Section):
+    align: float = Field(1e-3, gt=0, description="Adam learning rate of the align (and joint) stage.")
+    sft: float = Field(1e-3, gt=0, description="Adam learning rate of the sft stage.")
+
+
+class TrainConfig(Section):
+    batch_size: int = Field(4, ge=1, description="Examples per optimiser step (paper: effective batch 4).")
+    max_epochs: int = Field(50, ge=1, description="Upper bound on epochs per stage (paper: 50).")
+    patience: int = Field(5, ge=1, description="Early stop after this many dev-loss checks without improvement.")
+    eval_every: int = Field(2, ge=1, description="Optimiser steps between dev-loss checks (paper: 2).")
+    seed: int = Field(0, description="Seed of LoRA init, data order and dropout.")
+    device: str = Field("auto", description="`auto` (cuda if available), `cpu`, `cuda`, `cuda:1`, ...")
+
+
+class CaptureConfig(Section):
+    batch_size: int = Field(8, ge=1, description="Prompts per batch in teacher capture (KV-cached greedy decoding).")
+    dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="Storage dtype of cached teacher activations (paper: bf16)."
+    )
+    cache_dir: Optional[str] = Field(
+        None, description="Activation cache root shared by runs (content-addressed); default `$IA2RAY_HOME/activations`."
+    )
+
+
+class EvalConfig(Section):
+    batch_size: int = Field(16, ge=1, description="Prompts per evaluation batch.")
+    confidence: Literal["top10", "label_set"] = Field(
+        "top10", description="Single-token confidence: top-1 renormalised over top-10 (paper), or softmax over label words."
+    )
+    ece_scheme: Literal["equal_mass", "equal_width"] = Field(
+        "equal_mass", description="ECE binning: equal-count bins (the reference's) or classic equal-width bins."
+    )
+    ece_bins: int = Field(15, ge=1, description="Number of ECE bins (paper: 15).")
+    icl_baseline: bool = Field(True, description="Also evaluate the base model with N-1 demos (ICL baseline).")
+    icl_draws: int = Field(5, ge=1, description="Demo draws averaged for the ICL baseline (paper: 5).")
+    max_new_tokens: Optional[int] = Field(
+        None, ge=1, description="Decoding budget for multi-token tasks (default: the task's)."
+    )
+
+
+class OutputConfig(Section):
+    dir: str = Field("runs/{name}", description="Run directory (`{name}` is replaced): config.yaml, summary.json, adapter/.")
+
+
+class RunConfig(Section):
+    """One IA2 run: model, task, N-shot split, LoRA, the pipeline and its stages, evaluation."""
+
+    name: str = Field("default", description="Run name (used in the output directory).")
+    pipeline: str = Field("ia2->sft", description="One of: " + ", ".join(PIPELINES) + ".")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    align: AlignConfig = Field(default_factory=AlignConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    lr: LrConfig = Field(default_factory=LrConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    capture: CaptureConfig = Field(default_factory=CaptureConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @field_validator("pipeline")
+    @classmethod
+    def _known_pipeline(cls, v: str) -> str:
+        if v not in PIPELINES:
+            raise ValueError(f"unknown pipeline {v!r}; expected one of {', '.join(PIPELINES)}")
+        return v
+
+    @model_validator(mode="after")
+    def _weights_match_layers(self):
+        w, layers = self.align.layer_weights, self.align.layers
+        if w is not None and isinstance(layers, list) and len(w) != len(layers):
+            raise ValueError(
+                f"align.layer_weights has {len(w)} entries but align.layers lists {len(layers)} layers"
+            )
+        return self
+
+
+class SearchParam(Section):
+    """One searched parameter of a study file (`search.params.<dotted key>`)."""
+
+    kind: Literal["choice", "uniform", "loguniform", "int"] = Field(description="Distribution.")
+    values: Optional[list] = Field(None, description="Candidates for `choice`.")
+    low: Optional[float] = Field(None, description="Lower bound for ranges.")
+    high: Optional[float] = Field(None, description="Upper bound for ranges.")
+    default: Optional[object] = Field(None, description="Value used by `ia2ray.run` (no search).")
+
+    @model_validator(mode="after")
+    def _shape(self):
+        if self.kind == "choice" and not self.values:
+            raise ValueError("a choice parameter needs a non-empty `values` list")
+        if self.kind != "choice" and (self.low is None or self.high is None or self.low > self.high):
+            raise ValueError(f"a {self.kind} parameter needs `low` <= `high`")
+        if self.kind == "loguniform" and self.low is not None and self.low <= 0:
+            raise ValueError("loguniform needs low > 0")
+        return self
+
+
+class SearchConfig(Section):
+    params: dict[str, SearchParam] = Field(default_factory=dict, description="Searched parameters by dotted key.")
+
+
+class StudyFile(RunConfig):
+    """A study file (`search_spaces/*.yaml`): a run config plus the searched parameters."""
+
+    search: SearchConfig = Field(default_factory=SearchConfig)

@@ -1,0 +1,115 @@
+"""Evaluation: single-token label scoring (accuracy, confidence, ECE, NLL, Brier), multi-token greedy
+decoding with answer parsing, and the ICL baseline (base model with N-1 demos, averaged over draws).
+
+Confidence of a single-token prediction, as in the paper: `top10` = the top-1 probability renormalised
+over the top-10 tokens, correct when the top-1 token equals the label word; `label_set` = softmax over
+the label words' tokens only, argmax among them.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from ia2ray.config.schema import EvalConfig
+from ia2ray.core.generate import encode_prompts, greedy_generate, left_pad
+from ia2ray.core.metrics import classification_metrics
+from ia2ray.data.examples import Example, build_icl_prompt, format_query
+from ia2ray.data.parsers import PARSERS
+from ia2ray.data.tasks import TaskSpec
+
+
+def label_token_ids(tokenizer, spec: TaskSpec) -> dict[str, int]:
+    """Label word -> its single answer token id; error when a label word is not one token."""
+    out = {}
+    for word in dict.fromkeys(spec.label_words.values()):
+        ids = tokenizer(spec.answer_template.format(answer=word), add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise ValueError(
+                f"task {spec.name}: label word {word!r} is {len(ids)} tokens for this tokenizer "
+                f"({ids}); single-token evaluation needs exactly one"
+            )
+        out[word] = ids[0]
+    return out
+
+
+@torch.no_grad()
+def next_token_logits(model, tokenizer, prompts: Sequence[str], batch_size: int, device) -> torch.Tensor:
+    """Logits [n, V] (float32, CPU) of the token after each prompt, batched with left padding."""
+    model.eval()
+    rows = []
+    for start in range(0, len(prompts), batch_size):
+        ids = encode_prompts(tokenizer, prompts[start : start + batch_size])
+        input_ids, mask, positions = (t.to(device) for t in left_pad(ids, tokenizer.pad_token_id))
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)
+        rows.append(out.logits[:, -1].float().cpu())
+    return torch.cat(rows)
+
+
+def score_labels(logits: torch.Tensor, golds: Sequence[str], tokenizer, label_ids: dict[str, int], confidence: str):
+    """Per example: (correct, confidence, probability of the gold label token)."""
+    if confidence == "label_set":
+        words = list(label_ids)
+        probs = torch.softmax(logits[:, [label_ids[w] for w in words]], dim=-1)
+        conf, pred = probs.max(dim=-1)
+        correct = [words[p] == g for p, g in zip(pred.tolist(), golds)]
+        gold_p = [probs[i, words.index(g)].item() for i, g in enumerate(golds)]
+        return correct, conf.tolist(), gold_p
+    if confidence != "top10":
+        raise ValueError(f"unknown confidence {confidence!r}; expected top10 or label_set")
+    probs = torch.softmax(logits, dim=-1)
+    top = probs.topk(min(10, probs.shape[-1]), dim=-1)
+    conf = top.values[:, 0] / top.values.sum(-1)
+    preds = [tokenizer.decode([t]).strip() for t in top.indices[:, 0].tolist()]
+    correct = [p == g for p, g in zip(preds, golds)]
+    gold_p = [probs[i, label_ids[g]].item() for i, g in enumerate(golds)]
+    return correct, conf.tolist(), gold_p
+
+
+def prompts_for(spec: TaskSpec, examples: Sequence[Example], demos: Optional[Sequence[Example]] = None) -> list[str]:
+    """Zero-shot queries, or ICL prompts with the same demos before every query."""
+    if demos:
+        return [build_icl_prompt(spec, list(demos), ex) for ex in examples]
+    return [format_query(spec, ex) for ex in examples]
+
+
+def parse_answer(spec: TaskSpec, text: str) -> Optional[str]:
+    """The task's parser applied to a generation cut at the first stop string."""
+    for stop in spec.stop_strings:
+        text = text.split(stop)[0]
+    return PARSERS[spec.parser](text)
+
+
+def evaluate(model, tokenizer, spec: TaskSpec, examples: Sequence[Example], cfg: EvalConfig, device,
+             demos: Optional[Sequence[Example]] = None) -> dict:
+    """Metrics of `model` on `examples` (zero-shot, or with `demos` in the prompt)."""
+    prompts = prompts_for(spec, examples, demos)
+    if spec.answer_type == "label":
+        logits = next_token_logits(model, tokenizer, prompts, cfg.batch_size, device)
+        golds = [ex.answer for ex in examples]
+        correct, conf, gold_p = score_labels(logits, golds, tokenizer, label_token_ids(tokenizer, spec), cfg.confidence)
+        metrics = classification_metrics(conf, correct, gold_p, n_bins=cfg.ece_bins, scheme=cfg.ece_scheme)
+        metrics["confidence"] = cfg.confidence
+        return metrics
+    budget = cfg.max_new_tokens or spec.max_new_tokens
+    generated = greedy_generate(model, tokenizer, prompts, budget, stop_strings=spec.stop_strings,
+                                batch_size=cfg.batch_size)
+    correct = []
+    for gen, ex in zip(generated, examples):
+        pred = parse_answer(spec, tokenizer.decode(gen.token_ids.tolist(), skip_special_tokens=True))
+        gold = PARSERS[spec.parser](ex.answer)
+        correct.append(pred is not None and pred == (gold if gold is not None else ex.answer.strip()))
+    return {"acc": sum(correct) / len(correct), "n": len(correct), "ece": None}
+
+
+def icl_baseline(model, tokenizer, spec: TaskSpec, examples: Sequence[Example],
+                 draws: Sequence[Sequence[Example]], cfg: EvalConfig, device) -> dict:
+    """The base model with N-1 demos (from outside the training set), averaged over demo draws."""
+    runs = [evaluate(model, tokenizer, spec, examples, cfg, device, demos=d) for d in draws]
+    out = {"draws": len(runs), "n": runs[0]["n"]}
+    for key in ("acc", "ece", "nll", "brier"):
+        values = [r[key] for r in runs if r.get(key) is not None]
+        out[key] = sum(values) / len(values) if values else None
+    out["per_draw_acc"] = [r["acc"] for r in runs]
+    return out

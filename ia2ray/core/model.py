@@ -1,0 +1,109 @@
+"""Model, tokenizer and LoRA set-up for any Hugging Face causal LM."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ia2ray.config.schema import LoraConfig, ModelConfig
+from ia2ray.core.sites import lora_target_modules, num_layers
+from ia2ray.fileio import ia2ray_home
+
+log = logging.getLogger(__name__)
+
+BUILTIN_PREFIX = "builtin:tiny-"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """`auto` -> cuda when available, else cpu; anything else is passed to torch.device."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(spec)
+
+
+def model_dir(cfg: ModelConfig) -> str:
+    """Hub id or local path to load; `builtin:tiny-<arch>` is built once into the user cache."""
+    if not cfg.path.startswith(BUILTIN_PREFIX):
+        return cfg.path
+    from ia2ray.core.tiny import TINY_ARCHS, build_tiny_checkpoint
+
+    arch = cfg.path[len(BUILTIN_PREFIX):]
+    if arch not in TINY_ARCHS:
+        raise ValueError(f"model.path: unknown builtin model {cfg.path!r}; expected builtin:tiny-<{'|'.join(TINY_ARCHS)}>")
+    return str(build_tiny_checkpoint(ia2ray_home() / "models" / f"tiny-{arch}", arch=arch))
+
+
+def load_model(cfg: ModelConfig, device: torch.device | str = "cpu"):
+    """Load (model, tokenizer) from a hub id or a local directory; the tokenizer always has a pad token."""
+    path = model_dir(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(
+        path, revision=cfg.revision, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
+    )
+    model.to(device)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, tokenizer
+
+
+def resolve_layers(spec: str | list[int], n_layers: int, key: str = "align.layers") -> list[int]:
+    """`all`, `band:START:WIDTH`, `every:K[:OFFSET]` or an explicit list -> sorted layer indices."""
+    if isinstance(spec, list):
+        layers = sorted(spec)
+    elif spec == "all":
+        layers = list(range(n_layers))
+    elif spec.startswith("band:"):
+        start, width = (int(x) for x in spec.split(":")[1:])
+        layers = list(range(start, start + width))
+    elif spec.startswith("every:"):
+        parts = [int(x) for x in spec.split(":")[1:]]
+        k, offset = parts[0], parts[1] if len(parts) > 1 else 0
+        if k < 1:
+            raise ValueError(f"{key}: every:K needs K >= 1")
+        layers = list(range(offset, n_layers, k))
+    else:
+        raise ValueError(f"{key}: cannot parse {spec!r}")
+    bad = [i for i in layers if i >= n_layers]
+    if bad or not layers:
+        raise ValueError(f"{key}: {spec!r} selects layers {bad or layers} but the model has {n_layers} layers (0..{n_layers - 1})")
+    return layers
+
+
+def add_lora(model, cfg: LoraConfig, seed: int = 0):
+    """Wrap `model` with a fresh LoRA adapter (seeded init); only adapter weights are trainable."""
+    n = num_layers(model)
+    if cfg.layers is not None:
+        resolve_layers(cfg.layers, n, key="lora.layers")
+    peft_cfg = PeftLoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=lora_target_modules(model, cfg.targets),
+        layers_to_transform=cfg.layers,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, peft_cfg)
+    return peft_model
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of the trainable (adapter) parameters."""
+    return {k: p.detach().to("cpu", copy=True) for k, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model, state: dict[str, torch.Tensor]) -> None:
+    """Copy a `trainable_state` snapshot back into the model in place."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for k, v in state.items():
+            params[k].copy_(v.to(params[k].device, params[k].dtype))

@@ -1,0 +1,71 @@
+"""The student forward pass and the loss of each stage kind (align, sft, joint).
+
+The student runs the decoder stack only; logits are computed just at the response positions (the
+LM head over the full sequence is never needed), and the alignment-only stage skips the head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ia2ray.core.batches import Batch
+from ia2ray.core.losses import alignment_loss, answer_ce_loss, joint_loss
+from ia2ray.core.sites import ActivationRecorder, base_model
+
+STAGE_KINDS = ("align", "sft", "joint")
+
+
+@dataclass(frozen=True)
+class StageObjective:
+    """What a stage optimises. `kind`: align (activation MSE only), sft (CE only), joint (both)."""
+
+    kind: str
+    site: str = "attn_out"
+    layers: Optional[tuple[int, ...]] = None  # aligned layers (None: all)
+    align_loss: str = "mse"
+    layer_weights: Optional[tuple[float, ...]] = None
+    ce_weight: float = 0.0
+
+    def __post_init__(self):
+        if self.kind not in STAGE_KINDS:
+            raise ValueError(f"unknown stage kind {self.kind!r}; expected one of {STAGE_KINDS}")
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.kind in ("align", "joint")
+
+
+def response_logits(model, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Logits [B, G, V] at the response positions from the decoder's final hidden states [B, T, d]."""
+    index = batch.positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+    picked = torch.gather(hidden, 1, index)
+    logits = base_model(model).get_output_embeddings()(picked)
+    cap = getattr(base_model(model).config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def stage_loss(model, batch: Batch, objective: StageObjective) -> torch.Tensor:
+    """Loss of one batch for the stage (a scalar with graph)."""
+    decoder = base_model(model).get_decoder()
+    if not objective.needs_teacher:
+        hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask)[0]
+        return answer_ce_loss(response_logits(model, hidden, batch), batch.targets, batch.position_mask)
+    if batch.teacher is None:
+        raise ValueError(f"the {objective.kind} stage needs teacher activations for every item")
+    layers = list(objective.layers) if objective.layers is not None else None
+    with ActivationRecorder(model, objective.site, layers) as rec:
+        hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask)[0]
+        acts = rec.stack()  # [L, B, T, d]
+    index = batch.positions[None, :, :, None].expand(acts.shape[0], -1, -1, acts.shape[-1])
+    student = torch.gather(acts, 2, index)  # [L, B, G, d]
+    weights = None if objective.layer_weights is None else torch.tensor(objective.layer_weights)
+    align = alignment_loss(student, batch.teacher, batch.position_mask, objective.align_loss, weights)
+    if objective.kind == "align":
+        return align
+    ce = answer_ce_loss(response_logits(model, hidden, batch), batch.targets, batch.position_mask)
+    return joint_loss(align, ce, objective.ce_weight)

@@ -1,0 +1,174 @@
+"""One IA2 run in one process: data -> teacher capture (cached) -> stages of the pipeline -> evaluation.
+
+Pipelines (paper name -> ours):
+  SFT only -> `sft`; IA2 only -> `ia2`; IA2 -> SFT -> `ia2->sft` (same adapter, fresh Adam);
+  IA2 + SFT (joint) -> `ia2+sft`; SFT on ICL responses -> `sft-icl`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from ia2ray.config.schema import RunConfig
+from ia2ray.core.batches import TrainItem
+from ia2ray.core.cache import ActivationCache, content_hash, fingerprint_model, fingerprint_tokenizer
+from ia2ray.core.capture import capture_icl_activations
+from ia2ray.core.evaluate import evaluate, icl_baseline, label_token_ids
+from ia2ray.core.generate import Generated
+from ia2ray.core.model import add_lora, load_model, model_dir, resolve_device, resolve_layers
+from ia2ray.core.objective import StageObjective
+from ia2ray.core.sites import num_layers
+from ia2ray.core.stages import StageSettings, train_stage
+from ia2ray.data.examples import Example, build_icl_prompt, format_answer, format_query
+from ia2ray.data.loaders import load_examples
+from ia2ray.data.splits import Splits, icl_demo_draws, make_splits, pools, training_prompts
+from ia2ray.data.tasks import TaskSpec, get_task
+from ia2ray.fileio import ia2ray_home
+
+log = logging.getLogger(__name__)
+
+# pipeline -> stages as (stage name, objective kind, response source, lr key)
+PIPELINE_STAGES = {
+    "sft": [("sft", "sft", "gold", "sft")],
+    "ia2": [("align", "align", "teacher", "align")],
+    "ia2->sft": [("align", "align", "teacher", "align"), ("sft", "sft", "gold", "sft")],
+    "ia2+sft": [("joint", "joint", "teacher", "align")],
+    "sft-icl": [("sft", "sft", "teacher", "sft")],
+}
+
+
+@dataclass
+class RunOutcome:
+    summary: dict  # JSON-ready: val/test metrics, ICL baseline, stage results
+    model: object  # the peft model holding the trained adapter
+    tokenizer: object
+
+
+@dataclass
+class RunData:
+    spec: TaskSpec
+    splits: Splits
+
+
+def prepare_data(cfg: RunConfig) -> RunData:
+    """Task spec, rows and the N-shot splits; raises DataError/ValueError before any model loads."""
+    spec = get_task(cfg.task.name)
+    train_rows = pools(load_examples(spec, cfg.task.path, "train", seed=0), cfg.data.train_pool, seed=0)
+    eval_rows = pools(load_examples(spec, cfg.task.eval_path, "eval", seed=0), cfg.data.eval_pool, seed=0)
+    splits = make_splits(train_rows, eval_rows, cfg.data.n, cfg.data.seed, cfg.data.val_size, cfg.data.test_size)
+    return RunData(spec, splits)
+
+
+def dev_prompts(spec: TaskSpec, splits: Splits, seed: int) -> list[str]:
+    """ICL prompts of the dev examples: N-1 training examples (seeded order) as demos."""
+    prompts = []
+    for i, ex in enumerate(splits.dev):
+        demos = list(splits.train)
+        random.Random(f"dev-demos:{seed}:{i}").shuffle(demos)
+        prompts.append(build_icl_prompt(spec, demos[: max(len(demos) - 1, 0)], ex))
+    return prompts
+
+
+def capture_teacher(cfg: RunConfig, model, tokenizer, data: RunData, progress: bool = True) -> list[Generated]:
+    """Teacher tokens + activations (all layers) for train then dev examples, via the cache."""
+    spec, splits = data.spec, data.splits
+    prompts = training_prompts(spec, splits, cfg.data.seed) + dev_prompts(spec, splits, cfg.data.seed)
+    budget = cfg.align.max_new_tokens or spec.max_new_tokens
+    cache = ActivationCache(Path(cfg.capture.cache_dir).expanduser() if cfg.capture.cache_dir else ia2ray_home() / "activations")
+    parts = dict(
+        model=fingerprint_model(model_dir(cfg.model), cfg.model.revision),
+        model_dtype=cfg.model.dtype,
+        tokenizer=fingerprint_tokenizer(tokenizer),
+        task=spec.model_dump(mode="json"),
+        prompts=content_hash(prompts),
+        max_new_tokens=budget,
+        stop=list(spec.stop_strings),
+        site=cfg.align.site,
+        dtype=cfg.capture.dtype,
+    )
+    key = cache.key(**parts)
+    meta = {"dtype": cfg.capture.dtype, "site": cfg.align.site, "task": spec.name, "n_prompts": len(prompts)}
+
+    def compute():
+        return capture_icl_activations(model, tokenizer, prompts, budget, site=cfg.align.site,
+                                       batch_size=cfg.capture.batch_size, stop_strings=spec.stop_strings,
+                                       progress=progress)
+
+    records, hit = cache.get_or_compute(key, compute, meta)
+    log.info("teacher capture %s: key %s (%d prompts)", "cache hit" if hit else "computed", key, len(prompts))
+    return records
+
+
+def answer_ids(tokenizer, spec: TaskSpec, ex: Example) -> list[int]:
+    """Gold answer tokens (EOS appended for free-text answers, as in the paper)."""
+    ids = tokenizer(format_answer(spec, ex), add_special_tokens=False)["input_ids"]
+    if spec.answer_type == "text" and tokenizer.eos_token_id is not None:
+        ids = ids + [tokenizer.eos_token_id]
+    return ids
+
+
+def stage_items(tokenizer, spec: TaskSpec, examples: list[Example], source: str,
+                teacher: Optional[list[Generated]]) -> list[TrainItem]:
+    """Training items: each query (no demos) with the gold answer or the teacher's response."""
+    items = []
+    for i, ex in enumerate(examples):
+        query = tokenizer(format_query(spec, ex))["input_ids"]
+        if source == "gold":
+            items.append(TrainItem(query, answer_ids(tokenizer, spec, ex)))
+        else:
+            rec = teacher[i]
+            items.append(TrainItem(query, rec.token_ids.tolist(), rec.activations))
+    return items
+
+
+def run_pipeline(cfg: RunConfig, *, data: Optional[RunData] = None, progress: bool = True,
+                 on_log: Optional[Callable[[str, dict], None]] = None) -> RunOutcome:
+    """Run `cfg` end to end; returns the summary (val/test metrics, ICL baseline, stage histories)."""
+    data = data or prepare_data(cfg)
+    spec, splits = data.spec, data.splits
+    device = resolve_device(cfg.train.device)
+    model, tokenizer = load_model(cfg.model, device)
+    layers = resolve_layers(cfg.align.layers, num_layers(model))
+    if cfg.align.layer_weights is not None and len(cfg.align.layer_weights) != len(layers):
+        raise ValueError(f"align.layer_weights has {len(cfg.align.layer_weights)} entries for {len(layers)} aligned layers")
+    if spec.answer_type == "label":
+        label_token_ids(tokenizer, spec)
+
+    summary: dict = {"name": cfg.name, "pipeline": cfg.pipeline, "task": spec.name, "n": cfg.data.n,
+                     "seed": cfg.data.seed, "aligned_layers": layers, "ece_scheme": cfg.eval.ece_scheme}
+    if cfg.eval.icl_baseline:
+        draws = icl_demo_draws(splits, max(cfg.data.n - 1, 0), cfg.eval.icl_draws, cfg.data.seed)
+        summary["icl"] = {split: icl_baseline(model, tokenizer, spec, getattr(splits, split), draws, cfg.eval, device)
+                          for split in ("val", "test")}
+
+    stages = PIPELINE_STAGES[cfg.pipeline]
+    teacher = None
+    if any(src == "teacher" for _, _, src, _ in stages):
+        teacher = capture_teacher(cfg, model, tokenizer, data, progress)
+    n_train = len(splits.train)
+    train_teacher = teacher[:n_train] if teacher else None
+    dev_teacher = teacher[n_train:] if teacher else None
+
+    model = add_lora(model, cfg.lora, seed=cfg.train.seed)
+    summary["stages"] = []
+    for name, kind, source, lr_key in stages:
+        objective = StageObjective(kind=kind, site=cfg.align.site, layers=tuple(layers),
+                                   align_loss=cfg.loss.align, ce_weight=cfg.loss.ce_weight,
+                                   layer_weights=tuple(cfg.align.layer_weights) if cfg.align.layer_weights else None)
+        train_items = stage_items(tokenizer, spec, splits.train, source, train_teacher)
+        dev_items = stage_items(tokenizer, spec, splits.dev, source, dev_teacher)
+        settings = StageSettings(lr=getattr(cfg.lr, lr_key), batch_size=cfg.train.batch_size,
+                                 max_epochs=cfg.train.max_epochs, patience=cfg.train.patience,
+                                 eval_every=cfg.train.eval_every, seed=cfg.train.seed)
+        result = train_stage(model, name, train_items, dev_items, objective, settings,
+                             tokenizer.pad_token_id, device, on_log)
+        summary["stages"].append(result.summary())
+    for split in ("val", "test"):
+        summary[split] = evaluate(model, tokenizer, spec, getattr(splits, split), cfg.eval, device)
+    return RunOutcome(summary, model, tokenizer)

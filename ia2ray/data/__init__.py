@@ -1,0 +1,48 @@
+"""Data layer: task specs, loaders with row-level validation, N-shot splits, ICL prompts, parsers.
+
+Imports only ``ia2ray.config`` and third-party libraries (never ``ia2ray.core``).
+"""
+
+from ia2ray.data.examples import Example, build_icl_prompt, format_answer, format_demo, format_query
+from ia2ray.data.loaders import DataError, load_examples, load_file
+from ia2ray.data.parsers import PARSERS, get_parser, normalize_number, register_parser
+from ia2ray.data.splits import (
+    Splits,
+    dev_size,
+    icl_demo_draws,
+    make_splits,
+    pools,
+    training_demos,
+    training_prompts,
+)
+from ia2ray.data.synthetic import GENERATORS, generate_rows
+from ia2ray.data.tasks import TaskSpec, get_task, register_task, task_names, template_fields
+
+__all__ = [
+    "DataError",
+    "Example",
+    "GENERATORS",
+    "PARSERS",
+    "Splits",
+    "TaskSpec",
+    "build_icl_prompt",
+    "dev_size",
+    "format_answer",
+    "format_demo",
+    "format_query",
+    "generate_rows",
+    "get_parser",
+    "get_task",
+    "icl_demo_draws",
+    "load_examples",
+    "load_file",
+    "make_splits",
+    "normalize_number",
+    "pools",
+    "register_parser",
+    "register_task",
+    "task_names",
+    "template_fields",
+    "training_demos",
+    "training_prompts",
+]

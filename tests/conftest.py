@@ -1,0 +1,38 @@
+"""Shared fixtures: an isolated IA2RAY_HOME per test session and tiny checkpoints built once."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ia2ray_home(tmp_path_factory) -> Path:
+    """Builtin models and the activation cache go to a fresh directory for the whole session."""
+    home = tmp_path_factory.mktemp("ia2ray-home")
+    old = os.environ.get("IA2RAY_HOME")
+    os.environ["IA2RAY_HOME"] = str(home)
+    yield home
+    if old is None:
+        os.environ.pop("IA2RAY_HOME", None)
+    else:
+        os.environ["IA2RAY_HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(ia2ray_home):
+    """arch -> local directory of a tiny random checkpoint (built on first use)."""
+    from ia2ray.core.tiny import build_tiny_checkpoint
+
+    built: dict[str, Path] = {}
+
+    def get(arch: str = "llama") -> Path:
+        if arch not in built:
+            built[arch] = build_tiny_checkpoint(ia2ray_home / "models" / f"tiny-{arch}", arch=arch)
+        return built[arch]
+
+    return get

@@ -1,0 +1,109 @@
+"""Whole pipelines in one process on tiny random models: every pipeline, the teacher cache, G > 1."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ia2ray.config import load_run_config
+from ia2ray.core.pipeline import PIPELINE_STAGES, prepare_data, run_pipeline
+
+FAST = ["train.max_epochs=3", "data.val_size=8", "data.test_size=8", "eval.icl_draws=2", "data.n=4"]
+
+
+def _cfg(tmp_path, *extra):
+    return load_run_config(None, [*FAST, f"capture.cache_dir={tmp_path / 'cache'}", *extra])
+
+
+@pytest.mark.parametrize("pipeline", list(PIPELINE_STAGES))
+def test_every_pipeline_runs_and_reports_val_and_test(tmp_path, pipeline):
+    out = run_pipeline(_cfg(tmp_path, f"pipeline={pipeline}"), progress=False)
+    s = out.summary
+    assert [st["name"] for st in s["stages"]] == [name for name, *_ in PIPELINE_STAGES[pipeline]]
+    for split in ("val", "test"):
+        assert 0.0 <= s[split]["acc"] <= 1.0 and 0.0 <= s[split]["ece"] <= 1.0
+        assert s[split]["n"] == 8
+        assert 0.0 <= s["icl"][split]["acc"] <= 1.0 and s["icl"][split]["draws"] == 2
+    json.dumps(s)  # the summary is JSON-ready
+
+
+def test_teacher_is_captured_once_per_key_and_reused(tmp_path, caplog):
+    cfg = _cfg(tmp_path, "pipeline=ia2", "eval.icl_baseline=false")
+    with caplog.at_level("INFO", logger="ia2ray.core.pipeline"):
+        first = run_pipeline(cfg, progress=False).summary
+        second = run_pipeline(cfg, progress=False).summary
+    msgs = [r.getMessage() for r in caplog.records if "teacher capture" in r.getMessage()]
+    assert len(msgs) == 2 and "computed" in msgs[0] and "cache hit" in msgs[1]
+    assert first["val"] == second["val"] and first["stages"] == second["stages"]
+    # a different N-shot seed is a different key
+    run_pipeline(_cfg(tmp_path, "pipeline=ia2", "eval.icl_baseline=false", "data.seed=1"), progress=False)
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+
+
+def test_multi_token_task_aligns_several_positions(tmp_path):
+    cfg = _cfg(tmp_path, "task.name=toy/reverse", "pipeline=ia2->sft", "align.layers=band:1:2",
+               "eval.icl_baseline=false")
+    s = run_pipeline(cfg, progress=False).summary
+    assert s["aligned_layers"] == [1, 2]
+    assert s["test"]["ece"] is None and 0.0 <= s["test"]["acc"] <= 1.0
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gpt2"])
+def test_other_architectures_run_ia2_sft(tmp_path, arch):
+    cfg = _cfg(tmp_path, f"model.path=builtin:tiny-{arch}", "pipeline=ia2->sft", "eval.icl_baseline=false",
+               "align.site=residual")
+    s = run_pipeline(cfg, progress=False).summary
+    assert len(s["stages"]) == 2 and s["stages"][0]["best_dev_loss"] < float("inf")
+
+
+def test_layer_selection_out_of_range_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match=r"align.layers: 'band:3:4' selects layers .* has 4 layers"):
+        run_pipeline(_cfg(tmp_path, "align.layers=band:3:4"), progress=False)
+
+
+def _run_cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "ia2ray.run", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_cli_writes_summary_adapter_and_config(tmp_path):
+    sets = [a for s in FAST for a in ("--set", s)]
+    res = _run_cli(*sets, "--set", f"output.dir={tmp_path}/out", "--set", f"capture.cache_dir={tmp_path}/c",
+                   "--json", str(tmp_path / "s.json"), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert set(s["val"]) >= {"acc", "ece"} and set(s["test"]) >= {"acc", "ece"}
+    assert (tmp_path / "out" / "adapter" / "adapter_config.json").is_file()
+    assert (tmp_path / "out" / "config.yaml").is_file()
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["test"] == s["test"]
+
+
+def test_cli_lists_every_config_error_and_exits_2(tmp_path):
+    res = _run_cli("--set", "lora.rank=0", "--set", "train.lr=1", "--set", "pipeline=x", cwd=tmp_path)
+    assert res.returncode == 2
+    assert "3 problem(s)" in res.stderr and "lora.rank" in res.stderr and "train.lr: unknown key" in res.stderr
+
+
+def test_cli_reports_bad_data_rows_before_training(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "good", "label": 1}\n{"text": "bad"}\n{"text": "x", "label": 9}\n')
+    res = _run_cli("--set", f"task.path={data}", "--set", f"output.dir={tmp_path}/out", cwd=tmp_path)
+    assert res.returncode == 2
+    assert f"{data}:2" in res.stderr and f"{data}:3" in res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_runs_a_study_file_with_its_defaults(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    res = _run_cli("--config", str(root / "search_spaces" / "tiny.yaml"), "--print-config", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "rank: 8" in res.stdout and "name: tiny" in res.stdout
+
+
+def test_prepare_data_fails_fast_on_small_pools(tmp_path):
+    with pytest.raises(ValueError, match="train pool too small"):
+        prepare_data(_cfg(tmp_path, "data.train_pool=5"))

@@ -1,0 +1,121 @@
+"""Batches, the student objective and the single-process training stage on tiny models."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ia2ray.config.schema import LoraConfig
+from ia2ray.core.batches import TrainItem, collate
+from ia2ray.core.capture import capture_icl_activations
+from ia2ray.core.model import add_lora, trainable_state
+from ia2ray.core.objective import StageObjective, stage_loss
+from ia2ray.core.stages import EarlyStopping, NonFiniteLossError, StageSettings, train_stage
+
+
+def test_collate_places_response_positions_after_the_query():
+    a = TrainItem([5, 6, 7], [1, 2], torch.arange(2 * 2 * 3, dtype=torch.float).view(2, 2, 3))
+    b = TrainItem([8], [3], torch.ones(2, 1, 3))
+    batch = collate([a, b], pad_id=0, layers=[1])
+    assert batch.input_ids.tolist() == [[5, 6, 7, 1], [8, 0, 0, 0]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1], [1, 0, 0, 0]]
+    assert batch.positions.tolist() == [[2, 3], [0, 0]]
+    assert batch.position_mask.tolist() == [[1, 1], [1, 0]]
+    assert batch.targets.tolist() == [[1, 2], [3, 0]]
+    assert batch.teacher.shape == (1, 2, 2, 3)
+    assert torch.equal(batch.teacher[0, 0], a.teacher[1])
+    with pytest.raises(ValueError, match="teacher activations cover 1 positions"):
+        TrainItem([1], [1, 2], torch.zeros(2, 1, 3))
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_checkpoints):
+    path = tiny_checkpoints("llama")
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, tok
+
+
+def _items(model, tok, n=4, g=3):
+    prompts = [f"Text: good fine happy {i}\nLabel: 1\n\nText: bad sad {i}\nLabel:" for i in range(n)]
+    teacher = capture_icl_activations(model, tok, prompts, g)
+    return [TrainItem(tok(f"Text: bad sad {i}\nLabel:")["input_ids"], t.token_ids.tolist(), t.activations)
+            for i, t in enumerate(teacher)]
+
+
+def test_student_equal_to_teacher_has_zero_alignment_loss(llama):
+    """With the teacher's own prompt as the student's query, the student reproduces the teacher."""
+    model, tok = llama
+    prompts = ["Text: good\nLabel: 1\n\nText: bad\nLabel:", "Text: a b c\nLabel:"]
+    teacher = capture_icl_activations(model, tok, prompts, 4)
+    items = [TrainItem(tok(p)["input_ids"], t.token_ids.tolist(), t.activations) for p, t in zip(prompts, teacher)]
+    peft = add_lora(model, LoraConfig(rank=2), seed=0)  # LoRA B = 0: same function as the base
+    try:
+        batch = collate(items, tok.pad_token_id)
+        for site_loss in ("mse", "cosine"):
+            loss = stage_loss(peft, batch, StageObjective("align", align_loss=site_loss))
+            assert loss.item() == pytest.approx(0.0, abs=1e-5)
+    finally:
+        peft.unload()
+
+
+def test_align_stage_lowers_the_loss_and_restores_the_best_adapter(llama):
+    model, tok = llama
+    items = _items(model, tok)
+    peft = add_lora(model, LoraConfig(rank=4), seed=0)
+    try:
+        objective = StageObjective("align", layers=(1, 2))
+        settings = StageSettings(lr=1e-2, batch_size=2, max_epochs=8, patience=100, eval_every=1)
+        result = train_stage(peft, "align", items, items, objective, settings, tok.pad_token_id, "cpu")
+        dev = [h["dev_loss"] for h in result.history if "dev_loss" in h]
+        assert dev[0] > 0 and min(dev) < 0.5 * dev[0]
+        assert result.steps == 16 and result.epochs == 8 and not result.stopped_early
+        assert result.best_dev_loss == min(dev)
+        final = stage_loss(peft.eval(), collate(items, tok.pad_token_id, [1, 2]), objective).item()
+        assert final == pytest.approx(result.best_dev_loss, rel=1e-5)
+    finally:
+        peft.unload()
+
+
+def test_early_stopping_counts_checks_without_improvement():
+    model = torch.nn.Linear(1, 1)
+    stop = EarlyStopping(patience=2)
+    assert not stop.update(1.0, 0, model)
+    assert not stop.update(0.5, 2, model)
+    assert not stop.update(0.7, 4, model)
+    assert stop.update(0.5, 6, model)  # equal is not an improvement
+    assert (stop.best, stop.best_step) == (0.5, 2)
+
+
+def test_stage_stops_early_when_dev_loss_stalls_and_keeps_the_best(llama):
+    model, tok = llama
+    items = _items(model, tok, n=2)
+    peft = add_lora(model, LoraConfig(rank=2), seed=0)
+    try:
+        # lr = 0: the dev loss never improves on step 0, so patience (2 checks) ends the stage at step 2
+        settings = StageSettings(lr=0.0, batch_size=1, max_epochs=50, patience=2, eval_every=1)
+        before = trainable_state(peft)
+        result = train_stage(peft, "sft", items, items, StageObjective("sft"), settings, tok.pad_token_id, "cpu")
+        assert (result.stopped_early, result.steps, result.best_step, result.epochs) == (True, 2, 0, 1)
+        after = trainable_state(peft)
+        assert all(torch.equal(before[k], after[k]) for k in before)
+    finally:
+        peft.unload()
+
+
+def test_non_finite_loss_names_the_step(llama):
+    model, tok = llama
+    items = _items(model, tok, n=1, g=1)
+    bad = [TrainItem(it.query_ids, it.target_ids, it.teacher * math.inf) for it in items]
+    peft = add_lora(model, LoraConfig(rank=2), seed=0)
+    try:
+        settings = StageSettings(lr=1e-3, batch_size=1, max_epochs=1, patience=5, eval_every=2)
+        with pytest.raises(NonFiniteLossError, match="at step 1"):
+            train_stage(peft, "align", bad, items, StageObjective("align"), settings, tok.pad_token_id, "cpu")
+    finally:
+        peft.unload()
