@@ -9,6 +9,7 @@ Without --config the embedded default runs: a tiny random Llama on the generated
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from typing import Optional
@@ -82,6 +83,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(dump_yaml(cfg), end="")
         return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     # Heavy imports only after the config is known to be valid.
     from ia2ray.core.pipeline import prepare_data, run_pipeline
@@ -99,6 +103,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     out_dir = cfg.output.dir.format(name=cfg.name)
     write_text_atomic(f"{out_dir}/config.yaml", dump_yaml(cfg))
+    write_text_atomic(f"{out_dir}/history.jsonl", "".join(json.dumps(h) + "\n" for h in outcome.history))
     with atomic_dir(f"{out_dir}/adapter") as tmp:
         outcome.model.save_pretrained(tmp)
     summary["output_dir"] = out_dir

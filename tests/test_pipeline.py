@@ -79,6 +79,8 @@ def test_cli_writes_summary_adapter_and_config(tmp_path):
     assert set(s["val"]) >= {"acc", "ece"} and set(s["test"]) >= {"acc", "ece"}
     assert (tmp_path / "out" / "adapter" / "adapter_config.json").is_file()
     assert (tmp_path / "out" / "config.yaml").is_file()
+    history = [json.loads(line) for line in (tmp_path / "out" / "history.jsonl").read_text().splitlines()]
+    assert {h["stage"] for h in history} == {"align", "sft"} and history[0] == {**history[0], "step": 0}
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["test"] == s["test"]
 
 
@@ -107,3 +109,15 @@ def test_cli_runs_a_study_file_with_its_defaults(tmp_path):
 def test_prepare_data_fails_fast_on_small_pools(tmp_path):
     with pytest.raises(ValueError, match="train pool too small"):
         prepare_data(_cfg(tmp_path, "data.train_pool=5"))
+
+
+def test_bfloat16_model_trains_and_evaluates(tmp_path):
+    out = run_pipeline(_cfg(tmp_path, "model.dtype=bfloat16", "pipeline=ia2->sft", "eval.icl_baseline=false"),
+                       progress=False)
+    import torch
+
+    base = {p.dtype for p in out.model.parameters() if not p.requires_grad}
+    adapter = {p.dtype for p in out.model.parameters() if p.requires_grad}
+    assert base == {torch.bfloat16} and adapter == {torch.float32}  # peft keeps adapter weights in fp32
+    assert all(st["best_dev_loss"] < float("inf") for st in out.summary["stages"])
+    assert 0.0 <= out.summary["test"]["acc"] <= 1.0

@@ -53,3 +53,26 @@ def markdown_reference(model: type[BaseModel] = RunConfig) -> str:
             shown = "null" if default is None else _show(default)
             rows.append(f"| `{key}` | `{shown}` | {doc.replace('|', '/')} |")
     return "\n".join(rows) + "\n"
+
+
+START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
+
+
+def update_readme(path: str) -> None:
+    """Rewrite the table between the config-reference markers of a Markdown file."""
+    from ia2ray.fileio import write_text_atomic
+
+    with open(path) as fh:
+        text = fh.read()
+    head, _, rest = text.partition(START)
+    _, _, tail = rest.partition(END)
+    write_text_atomic(path, f"{head}{START}\n{markdown_reference()}{END}{tail}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) > 1:
+        update_readme(sys.argv[1])
+    else:
+        print(markdown_reference(), end="")

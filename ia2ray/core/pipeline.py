@@ -48,6 +48,7 @@ class RunOutcome:
     summary: dict  # JSON-ready: val/test metrics, ICL baseline, stage results
     model: object  # the peft model holding the trained adapter
     tokenizer: object
+    history: list[dict]  # per stage and step: {"stage", "step", "train_loss" | "dev_loss"}
 
 
 @dataclass
@@ -156,7 +157,7 @@ def run_pipeline(cfg: RunConfig, *, data: Optional[RunData] = None, progress: bo
     dev_teacher = teacher[n_train:] if teacher else None
 
     model = add_lora(model, cfg.lora, seed=cfg.train.seed)
-    summary["stages"] = []
+    summary["stages"], history = [], []
     for name, kind, source, lr_key in stages:
         objective = StageObjective(kind=kind, site=cfg.align.site, layers=tuple(layers),
                                    align_loss=cfg.loss.align, ce_weight=cfg.loss.ce_weight,
@@ -169,6 +170,7 @@ def run_pipeline(cfg: RunConfig, *, data: Optional[RunData] = None, progress: bo
         result = train_stage(model, name, train_items, dev_items, objective, settings,
                              tokenizer.pad_token_id, device, on_log)
         summary["stages"].append(result.summary())
+        history += [{"stage": name, **h} for h in result.history]
     for split in ("val", "test"):
         summary[split] = evaluate(model, tokenizer, spec, getattr(splits, split), cfg.eval, device)
-    return RunOutcome(summary, model, tokenizer)
+    return RunOutcome(summary, model, tokenizer, history)

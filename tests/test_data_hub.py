@@ -1,0 +1,41 @@
+"""The hub loading path (`datasets.load_dataset`) on a local dataset folder: no download."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ia2ray.data.loaders import DataError, load_examples
+from ia2ray.data.tasks import get_task
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_sst2_spec_loads_through_load_dataset_from_a_local_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    repo = tmp_path / "sst2"
+    repo.mkdir()
+    _write(repo / "train.jsonl", [{"idx": i, "sentence": f"s{i}", "label": i % 2} for i in range(6)])
+    _write(repo / "validation.jsonl", [{"idx": 0, "sentence": "v0", "label": 1}])
+    spec = get_task("sst2").model_copy(update={"hub_id": str(repo)})
+    train = load_examples(spec, split="train")
+    assert [e.fields["sentence"] for e in train] == [f"s{i}" for i in range(6)]
+    assert [e.answer for e in train] == ["0", "1"] * 3
+    assert train[0].source.startswith(str(repo))
+    val = load_examples(spec, split="eval")
+    assert [(e.fields["sentence"], e.answer) for e in val] == [("v0", "1")]
+
+
+def test_hub_rows_with_unknown_labels_are_reported(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    repo = tmp_path / "bad"
+    repo.mkdir()
+    _write(repo / "train.jsonl", [{"sentence": "a", "label": 0}, {"sentence": "b", "label": -1}])
+    spec = get_task("sst2").model_copy(update={"hub_id": str(repo)})
+    with pytest.raises(DataError, match=r"row 1: unknown label '-1'"):
+        load_examples(spec, split="train")

@@ -1,0 +1,104 @@
+"""Evaluation: exact single-token scoring, batched == unbatched logits, free-text decoding + parsing."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ia2ray.config.schema import EvalConfig
+from ia2ray.core.evaluate import (evaluate, icl_baseline, label_token_ids, next_token_logits, parse_answer,
+                                  score_labels)
+from ia2ray.core.generate import greedy_generate
+from ia2ray.core.tiny import default_corpus, tiny_model, train_bpe_tokenizer
+from ia2ray.data.examples import Example, build_icl_prompt, format_query
+from ia2ray.data.tasks import TaskSpec, get_task
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_bpe_tokenizer(default_corpus())
+
+
+@pytest.fixture(scope="module")
+def gpt2(tok):  # absolute positions: wrong padding would change the logits
+    return tiny_model("gpt2", tok, hidden_size=32, num_layers=2, initializer_range=0.2)
+
+
+def test_label_token_ids_and_multi_token_label_error(tok):
+    spec = get_task("toy/polarity")
+    ids = label_token_ids(tok, spec)
+    assert set(ids) == {"0", "1"} and all(tok.decode([i]) == w for w, i in ids.items())
+    bad = spec.model_copy(update={"name": "bad", "label_words": {"0": "0", "1": "xqzvkwj"}})
+    with pytest.raises(ValueError, match=r"label word 'xqzvkwj' is \d+ tokens"):
+        label_token_ids(tok, bad)
+
+
+def test_top10_and_label_set_scores_are_exact(tok):
+    ids = label_token_ids(tok, get_task("toy/polarity"))
+    v = len(tok)
+    logits = torch.zeros(2, v)
+    logits[0, ids["1"]] = 5.0  # predicts "1", gold "1"
+    logits[1, ids["1"]] = 1.0  # predicts "1", gold "0"
+    logits[1, ids["0"]] = 0.5
+    correct, conf, gold_p = score_labels(logits, ["1", "0"], tok, ids, "top10")
+    assert correct == [True, False]
+    e5, e1, e05 = math.exp(5), math.e, math.exp(0.5)
+    assert conf[0] == pytest.approx(e5 / (e5 + 9))
+    assert conf[1] == pytest.approx(e1 / (e1 + e05 + 8))
+    assert gold_p[0] == pytest.approx(e5 / (e5 + v - 1))
+    assert gold_p[1] == pytest.approx(e05 / (e1 + e05 + v - 2))
+    correct, conf, gold_p = score_labels(logits, ["1", "0"], tok, ids, "label_set")
+    assert correct == [True, False]
+    assert conf[0] == pytest.approx(e5 / (e5 + 1)) and conf[1] == pytest.approx(e1 / (e1 + e05))
+    assert gold_p[1] == pytest.approx(e05 / (e1 + e05))
+    with pytest.raises(ValueError, match="unknown confidence"):
+        score_labels(logits, ["1", "0"], tok, ids, "top5")
+
+
+def test_batched_left_padded_logits_equal_one_at_a_time(tok, gpt2):
+    prompts = ["Text: good\nLabel:", "Text: a much longer sentence about bad sad things\nLabel:", "x"]
+    batched = next_token_logits(gpt2, tok, prompts, batch_size=3, device="cpu")
+    single = torch.cat([next_token_logits(gpt2, tok, [p], batch_size=1, device="cpu") for p in prompts])
+    torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-4)
+
+
+def test_evaluate_label_task_matches_manual_scoring(tok, gpt2):
+    spec = get_task("toy/polarity")
+    exs = [Example({"text": t}, a, f"t:{i}") for i, (t, a) in enumerate([("good", "1"), ("bad", "0"), ("fine", "1")])]
+    cfg = EvalConfig(batch_size=2, ece_bins=3)
+    m = evaluate(gpt2, tok, spec, exs, cfg, "cpu")
+    logits = next_token_logits(gpt2, tok, [format_query(spec, e) for e in exs], 8, "cpu")
+    correct, conf, gold_p = score_labels(logits, [e.answer for e in exs], tok, label_token_ids(tok, spec), "top10")
+    assert m["n"] == 3 and m["acc"] == pytest.approx(sum(correct) / 3)
+    assert m["nll"] == pytest.approx(-sum(math.log(p) for p in gold_p) / 3, rel=1e-6)
+    assert m["ece_scheme"] == "equal_mass" and m["confidence"] == "top10"
+    # the ICL baseline is the mean over draws of evaluating with demos
+    draws = [[exs[0]], [exs[1]]]
+    base = icl_baseline(gpt2, tok, spec, exs, draws, cfg, "cpu")
+    per = [evaluate(gpt2, tok, spec, exs, cfg, "cpu", demos=d) for d in draws]
+    assert base["acc"] == pytest.approx(sum(p["acc"] for p in per) / 2)
+    assert base["ece"] == pytest.approx(sum(p["ece"] for p in per) / 2)
+    assert build_icl_prompt(spec, draws[0], exs[1]) == "Text:good\nLabel:1\n\nText:bad\nLabel:"
+
+
+def test_free_text_evaluation_parses_and_compares(tok, gpt2):
+    spec = TaskSpec(name="t/echo", template="Q:{q}\nA:", input_fields=["q"], label_field="a", answer_type="text",
+                    max_new_tokens=5, stop_strings=["\n\n"])
+    queries = ["abc", "hello there", "x y"]
+    outs = greedy_generate(gpt2, tok, [f"Q:{q}\nA:" for q in queries], 5, stop_strings=["\n\n"])
+    own = [parse_answer(spec, tok.decode(o.token_ids.tolist(), skip_special_tokens=True)) for o in outs]
+    right = [Example({"q": q}, o or "", f"r:{i}") for i, (q, o) in enumerate(zip(queries, own))]
+    wrong = [Example({"q": q}, "definitely not this", f"w:{i}") for i, q in enumerate(queries)]
+    cfg = EvalConfig(batch_size=2)
+    expected = sum(o is not None for o in own) / 3
+    assert evaluate(gpt2, tok, spec, right, cfg, "cpu")["acc"] == pytest.approx(expected)
+    assert evaluate(gpt2, tok, spec, wrong, cfg, "cpu") == {"acc": 0.0, "n": 3, "ece": None}
+
+
+def test_parse_answer_cuts_at_the_stop_string():
+    spec = TaskSpec(name="t/p", template="{q}", input_fields=["q"], label_field="a", answer_type="text",
+                    parser="number", stop_strings=["\n\n"])
+    assert parse_answer(spec, " so 12 apples.\n\nQuestion: 99") == "12"
+    assert parse_answer(spec, " no digits\n\n42") is None
