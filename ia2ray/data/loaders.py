@@ -164,6 +164,20 @@ def _label_key(value: Any) -> str:
     return value.strip() if isinstance(value, str) else str(value)
 
 
+def _cell_problem(row: dict[str, Any], col: str, kinds: tuple[type, ...], kind_name: str) -> str | None:
+    """Why ``row[col]`` is unusable (absent, null, wrong type, blank), or None when it is fine."""
+    value = row.get(col)
+    if col not in row:
+        return f"missing column '{col}'"
+    if value is None:
+        return f"missing value in column '{col}'"
+    if not isinstance(value, kinds) or isinstance(value, bool):
+        return f"column '{col}' must be {kind_name}, got {type(value).__name__} {value!r}"
+    if not _label_key(value):
+        return f"empty value in column '{col}'"
+    return None
+
+
 def _check_row(spec: TaskSpec, row: dict[str, Any], skip: set[str]) -> tuple[list[str], dict[str, str], str]:
     """Problems of one row (without location), its input fields and its answer.
 
@@ -171,38 +185,26 @@ def _check_row(spec: TaskSpec, row: dict[str, Any], skip: set[str]) -> tuple[lis
     """
     problems: list[str] = []
     fields: dict[str, str] = {}
-    for col in spec.input_fields:
-        value = row.get(col)
-        if col in skip:
-            continue
-        if col not in row:
-            problems.append(f"missing column '{col}'")
-        elif value is None:
-            problems.append(f"missing value in column '{col}'")
-        elif not isinstance(value, str):
-            problems.append(f"column '{col}' must be text, got {type(value).__name__} {value!r}")
-        elif not value.strip():
-            problems.append(f"empty value in column '{col}'")
+    for col in (c for c in spec.input_fields if c not in skip):
+        problem = _cell_problem(row, col, (str,), "text")
+        if problem:
+            problems.append(problem)
         else:
-            fields[col] = value
-    col, value, answer = spec.label_field, row.get(spec.label_field), ""
+            fields[col] = row[col]
+    col, answer = spec.label_field, ""
     if col in skip:
-        pass
-    elif col not in row:
-        problems.append(f"missing column '{col}'")
-    elif value is None:
-        problems.append(f"missing value in column '{col}'")
-    elif not isinstance(value, (str, int, float)) or isinstance(value, bool):
-        problems.append(f"column '{col}' must be text or a number, got {type(value).__name__} {value!r}")
-    elif not _label_key(value):
-        problems.append(f"empty value in column '{col}'")
+        return problems, fields, answer
+    problem = _cell_problem(row, col, (str, int, float), "text or a number")
+    key = None if problem else _label_key(row[col])
+    if problem:
+        problems.append(problem)
     elif spec.label_words is None:
-        answer = value.strip() if isinstance(value, str) else _label_key(value)
-    elif _label_key(value) in spec.label_words:
-        answer = spec.label_words[_label_key(value)]
+        answer = key
+    elif key in spec.label_words:
+        answer = spec.label_words[key]
     else:
         expected = ", ".join(f"'{k}'" for k in spec.label_words)
-        problems.append(f"unknown label '{_label_key(value)}' (expected one of {expected})")
+        problems.append(f"unknown label '{key}' (expected one of {expected})")
     return problems, fields, answer
 
 
