@@ -94,24 +94,29 @@ def bench_steps(tok, hidden: int, layers: int, g: int, repeat: int) -> dict:
     items = [TrainItem(tok(p)["input_ids"], t.token_ids.tolist(), t.activations) for p, t in zip(prompts, teacher)]
     peft = add_lora(model, LoraConfig(rank=8), seed=0)
     opt = torch.optim.Adam([p for p in peft.parameters() if p.requires_grad], lr=1e-4)
-    batch = collate(items, tok.pad_token_id)
     peft.train()
     result = {"hidden": hidden, "layers": layers, "G": g, "batch": len(items)}
-    times = {"align": [], "sft": []}
-    for i in range(repeat * 2 + 2):  # interleave the two kinds so drift affects both alike
-        kind = "align" if i % 2 == 0 else "sft"
+    objectives = {"align": StageObjective("align"), "sft": StageObjective("sft"),
+                  "align_layer0": StageObjective("align", layers=(0,))}  # stops after layer 0
+    times = {kind: [] for kind in objectives}
+    batches = {kind: collate(items, tok.pad_token_id, list(obj.layers) if obj.layers else None)
+               for kind, obj in objectives.items()}
+    for i in range(repeat * len(objectives) + len(objectives)):  # interleaved: drift affects all alike
+        kind = list(objectives)[i % len(objectives)]
         t0 = time.perf_counter()
-        loss = stage_loss(peft, batch, StageObjective(kind))
+        loss = stage_loss(peft, batches[kind], objectives[kind])
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if i >= 2:
+        if i >= len(objectives):  # the first round is warm-up
             times[kind].append(time.perf_counter() - t0)
     for kind, ts in times.items():
         result[f"{kind}_step_ms"] = round(1000 * statistics.median(ts), 2)
     result["align_over_sft"] = round(result["align_step_ms"] / result["sft_step_ms"], 3)
+    result["align_layer0_over_align"] = round(result["align_layer0_step_ms"] / result["align_step_ms"], 3)
     print(f"step hidden={hidden} layers={layers} G={g}: align {result['align_step_ms']} ms, "
-          f"sft {result['sft_step_ms']} ms, ratio {result['align_over_sft']}", flush=True)
+          f"sft {result['sft_step_ms']} ms, ratio {result['align_over_sft']}; align on layer 0 only "
+          f"{result['align_layer0_step_ms']} ms", flush=True)
     return result
 
 
@@ -126,7 +131,8 @@ def main() -> None:
     gs = [8, 64] if args.quick else [1, 8, 16, 32, 64]
     sizes = [(256, 4)] if args.quick else [(256, 4), (512, 8)]
     capture = bench_capture(tok, sizes, gs, args.quick)
-    steps = [bench_steps(tok, 256, 4, g, 5 if args.quick else 20) for g in ([1] if args.quick else [1, 16])]
+    steps = [bench_steps(tok, 256, layers, g, 5 if args.quick else 20)
+             for layers, g in ([(4, 1)] if args.quick else [(4, 1), (4, 16), (8, 16)])]
     report = {
         "command": "python bench/bench_core.py" + (" --quick" if args.quick else ""),
         "machine": {"platform": platform.platform(), "cpu_threads": torch.get_num_threads(),

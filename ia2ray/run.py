@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ia2ray.config import ConfigError, RunConfig, dump_yaml, load_run_config
-from ia2ray.config.reference import example_yaml
+from ia2ray.config.reference import cli_help, example_yaml
 from ia2ray.fileio import atomic_dir, write_json_atomic, write_text_atomic
 
 console = Console(stderr=True)
@@ -69,7 +69,7 @@ def print_summary(summary: dict) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ia2ray.run", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     epilog=cli_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     config_arguments(parser)
     parser.add_argument("--json", metavar="PATH", help="also write the summary JSON here")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")

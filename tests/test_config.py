@@ -131,3 +131,11 @@ def test_every_shipped_config_validates_and_starts_with_its_command(path):
     first = path.read_text().splitlines()[0]
     assert first.startswith("# python -m ia2ray.") and path.name in first
     load_run_config(path)
+
+
+def test_cli_help_lists_every_config_key():
+    from ia2ray.config.reference import _fields, cli_help
+
+    text = cli_help()
+    keys = [key for key, _, _, is_section in _fields(RunConfig) if not is_section]
+    assert len(keys) > 30 and all(f"\n  {k} = " in text for k in keys)

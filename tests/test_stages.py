@@ -119,3 +119,32 @@ def test_non_finite_loss_names_the_step(llama):
             train_stage(peft, "align", bad, items, StageObjective("align"), settings, tok.pad_token_id, "cpu")
     finally:
         peft.unload()
+
+
+def test_align_stops_the_forward_after_the_deepest_aligned_layer(llama):
+    model, tok = llama
+    items = _items(model, tok, n=2, g=2)
+    peft = add_lora(model, LoraConfig(rank=2), seed=0)
+    try:
+        with torch.no_grad():  # non-zero LoRA B so the adapter affects the loss
+            for n, p in peft.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.1)
+        batch = collate(items, tok.pad_token_id, [0, 1])
+        calls = []
+        from ia2ray.core.sites import decoder_layers
+
+        handle = decoder_layers(peft)[3].register_forward_hook(lambda *a: calls.append(1))
+        grads = {}
+        for stop in (True, False):
+            peft.zero_grad()
+            loss = stage_loss(peft, batch, StageObjective("align", layers=(0, 1), stop_early=stop))
+            loss.backward()
+            grads[stop] = (loss.detach(), {n: p.grad.clone() for n, p in peft.named_parameters() if p.grad is not None})
+            assert len(calls) == (0 if stop else 1)
+        handle.remove()
+        assert torch.equal(grads[True][0], grads[False][0])
+        assert grads[True][1].keys() == grads[False][1].keys() and len(grads[True][1]) > 0
+        assert all(torch.equal(grads[True][1][k], grads[False][1][k]) for k in grads[True][1])
+    finally:
+        peft.unload()

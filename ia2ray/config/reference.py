@@ -45,6 +45,16 @@ def example_yaml(model: type[BaseModel] = RunConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cli_help(model: type[BaseModel] = RunConfig) -> str:
+    """Plain-text list of every key for `--help`: `key = default  description`."""
+    lines = ["config keys (override any with --set KEY=VALUE):"]
+    for key, default, doc, is_section in _fields(model):
+        if not is_section:
+            shown = "null" if default is None else _show(default)
+            lines.append(f"  {key} = {shown}\n      {doc}")
+    return "\n".join(lines)
+
+
 def markdown_reference(model: type[BaseModel] = RunConfig) -> str:
     """A Markdown table: key, default, meaning."""
     rows = ["| key | default | meaning |", "|---|---|---|"]

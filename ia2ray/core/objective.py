@@ -28,6 +28,7 @@ class StageObjective:
     align_loss: str = "mse"
     layer_weights: Optional[tuple[float, ...]] = None
     ce_weight: float = 0.0
+    stop_early: bool = True  # align: skip the layers above the deepest aligned one
 
     def __post_init__(self):
         if self.kind not in STAGE_KINDS:
@@ -58,8 +59,10 @@ def stage_loss(model, batch: Batch, objective: StageObjective) -> torch.Tensor:
     if batch.teacher is None:
         raise ValueError(f"the {objective.kind} stage needs teacher activations for every item")
     layers = list(objective.layers) if objective.layers is not None else None
-    with ActivationRecorder(model, objective.site, layers) as rec:
-        hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask)[0]
+    # The align stage needs nothing above its deepest aligned layer: stop the forward there.
+    stop_early = objective.kind == "align" and objective.stop_early
+    with ActivationRecorder(model, objective.site, layers, stop_early=stop_early) as rec:
+        out = rec.forward_until(decoder, input_ids=batch.input_ids, attention_mask=batch.attention_mask)
         acts = rec.stack()  # [L, B, T, d]
     index = batch.positions[None, :, :, None].expand(acts.shape[0], -1, -1, acts.shape[-1])
     student = torch.gather(acts, 2, index)  # [L, B, G, d]
@@ -67,5 +70,5 @@ def stage_loss(model, batch: Batch, objective: StageObjective) -> torch.Tensor:
     align = alignment_loss(student, batch.teacher, batch.position_mask, objective.align_loss, weights)
     if objective.kind == "align":
         return align
-    ce = answer_ce_loss(response_logits(model, hidden, batch), batch.targets, batch.position_mask)
+    ce = answer_ce_loss(response_logits(model, out[0], batch), batch.targets, batch.position_mask)
     return joint_loss(align, ce, objective.ce_weight)

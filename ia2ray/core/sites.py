@@ -92,6 +92,10 @@ def site_module(model: nn.Module, layer: int, site: str) -> nn.Module:
     )
 
 
+class StopForward(Exception):
+    """Raised by an `ActivationRecorder(stop_early=True)` once its last layer is recorded."""
+
+
 class ActivationRecorder:
     """Context manager recording a site's output at chosen layers on every forward.
 
@@ -101,7 +105,9 @@ class ActivationRecorder:
 
     `latest(layer)` is the output of the most recent forward ([B, T, d]). With
     `last_position_only=True` only position -1 is kept ([B, 1, d]), which saves memory when
-    decoding long prompts. Hooks are removed on exit, also when the body raises.
+    decoding long prompts. With `stop_early=True` the hook of the deepest recorded layer raises
+    `StopForward`, so layers above it are never computed (run the forward via `forward_until`).
+    Hooks are removed on exit, also when the body raises.
     """
 
     def __init__(
@@ -111,6 +117,7 @@ class ActivationRecorder:
         layers: list[int] | None = None,
         *,
         last_position_only: bool = False,
+        stop_early: bool = False,
     ) -> None:
         self.model = model
         self.site = site
@@ -119,6 +126,7 @@ class ActivationRecorder:
             raise ValueError(f"duplicate layers in {self.layers}")
         self.modules = [site_module(model, layer, site) for layer in self.layers]
         self.last_position_only = last_position_only
+        self.stop_layer = max(self.layers) if stop_early else None
         self._outputs: dict[int, torch.Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
@@ -126,6 +134,8 @@ class ActivationRecorder:
         def record(module: nn.Module, args: tuple, output) -> None:
             out = output[0] if isinstance(output, (tuple, list)) else output
             self._outputs[layer] = out[:, -1:] if self.last_position_only else out
+            if layer == self.stop_layer:
+                raise StopForward
 
         return record
 
@@ -163,6 +173,13 @@ class ActivationRecorder:
     def stack(self) -> torch.Tensor:
         """All recorded layers of the most recent forward, in `layers` order: [len(layers), B, T, d]."""
         return torch.stack([self.latest(layer) for layer in self.layers])
+
+    def forward_until(self, module: nn.Module, **inputs):
+        """Call `module(**inputs)`; returns its output, or None when `stop_early` cut it short."""
+        try:
+            return module(**inputs)
+        except StopForward:
+            return None
 
 
 def lora_target_modules(model: nn.Module, targets: list[str]) -> list[str]:
