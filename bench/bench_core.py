@@ -77,8 +77,9 @@ def bench_capture(tok, sizes, gs, quick: bool) -> list[dict]:
     for hidden, layers in sizes:
         model = random_model(len(tok), hidden, layers)
         for g in gs:
-            fast = timed(lambda: capture_icl_activations(model, tok, prompts, g, batch_size=8), repeat=1 if quick else 2)
-            slow = timed(lambda: capture_reference(model, tok, prompts, g))
+            capture_icl_activations(model, tok, prompts[:2], 2, batch_size=2)  # warm-up
+            fast = timed(lambda: capture_icl_activations(model, tok, prompts, g, batch_size=8))
+            slow = timed(lambda: capture_reference(model, tok, prompts, g))  # both timed once
             rows.append({"hidden": hidden, "layers": layers, "G": g, "prompts": len(prompts), "batch_size": 8,
                          "fast_s": round(fast, 3), "reference_s": round(slow, 3), "speedup": round(slow / fast, 2)})
             print(f"capture hidden={hidden} layers={layers} G={g}: fast {fast:.2f}s, reference {slow:.2f}s, "

@@ -88,12 +88,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     hf_logging.disable_progress_bar()
 
     # Heavy imports only after the config is known to be valid.
-    from ia2ray.core.pipeline import prepare_data, run_pipeline
+    from ia2ray.core.pipeline import preflight, prepare_data, run_pipeline
     from ia2ray.data.loaders import DataError
 
     try:
-        data = prepare_data(cfg)
-    except (DataError, ValueError, KeyError) as exc:
+        data = prepare_data(cfg)  # every bad data row is reported here, before any model loads
+        preflight(cfg, data)
+    except (DataError, ConfigError, ValueError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

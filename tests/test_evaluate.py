@@ -11,7 +11,8 @@ from ia2ray.config.schema import EvalConfig
 from ia2ray.core.evaluate import (evaluate, icl_baseline, label_token_ids, next_token_logits, parse_answer,
                                   score_labels)
 from ia2ray.core.generate import greedy_generate
-from ia2ray.core.tiny import default_corpus, tiny_model, train_bpe_tokenizer
+from ia2ray.core.pipeline import answer_ids
+from ia2ray.core.tiny import default_corpus, tiny_model, train_bpe_tokenizer, train_metaspace_tokenizer
 from ia2ray.data.examples import Example, build_icl_prompt, format_query
 from ia2ray.data.tasks import TaskSpec, get_task
 
@@ -28,15 +29,15 @@ def gpt2(tok):  # absolute positions: wrong padding would change the logits
 
 def test_label_token_ids_and_multi_token_label_error(tok):
     spec = get_task("toy/polarity")
-    ids = label_token_ids(tok, spec)
+    ids = label_token_ids(tok, spec, "Text:good\nLabel:")
     assert set(ids) == {"0", "1"} and all(tok.decode([i]) == w for w, i in ids.items())
     bad = spec.model_copy(update={"name": "bad", "label_words": {"0": "0", "1": "xqzvkwj"}})
     with pytest.raises(ValueError, match=r"label word 'xqzvkwj' is \d+ tokens"):
-        label_token_ids(tok, bad)
+        label_token_ids(tok, bad, "Text:good\nLabel:")
 
 
 def test_top10_and_label_set_scores_are_exact(tok):
-    ids = label_token_ids(tok, get_task("toy/polarity"))
+    ids = label_token_ids(tok, get_task("toy/polarity"), "Text:good\nLabel:")
     v = len(tok)
     logits = torch.zeros(2, v)
     logits[0, ids["1"]] = 5.0  # predicts "1", gold "1"
@@ -70,7 +71,7 @@ def test_evaluate_label_task_matches_manual_scoring(tok, gpt2):
     cfg = EvalConfig(batch_size=2, ece_bins=3)
     m = evaluate(gpt2, tok, spec, exs, cfg, "cpu")
     logits = next_token_logits(gpt2, tok, [format_query(spec, e) for e in exs], 8, "cpu")
-    correct, conf, gold_p = score_labels(logits, [e.answer for e in exs], tok, label_token_ids(tok, spec), "top10")
+    correct, conf, gold_p = score_labels(logits, [e.answer for e in exs], tok, label_token_ids(tok, spec, "Text:x\nLabel:"), "top10")
     assert m["n"] == 3 and m["acc"] == pytest.approx(sum(correct) / 3)
     assert m["nll"] == pytest.approx(-sum(math.log(p) for p in gold_p) / 3, rel=1e-6)
     assert m["ece_scheme"] == "equal_mass" and m["confidence"] == "top10"
@@ -102,3 +103,36 @@ def test_parse_answer_cuts_at_the_stop_string():
                     parser="number", stop_strings=["\n\n"])
     assert parse_answer(spec, " so 12 apples.\n\nQuestion: 99") == "12"
     assert parse_answer(spec, " no digits\n\n42") is None
+
+
+@pytest.fixture(scope="module")
+def sp_tok():
+    return train_metaspace_tokenizer(default_corpus())
+
+
+def test_answers_are_tokenized_as_they_follow_the_query(sp_tok):
+    """SentencePiece-style tokenizers (BOS, prepended "▁") tokenize an answer differently alone."""
+    spec = get_task("toy/polarity")
+    ex = Example({"text": "good fun"}, "1", "x")
+    query = format_query(spec, ex)
+    alone = sp_tok("1", add_special_tokens=False)["input_ids"]
+    joint = sp_tok(query + "1")["input_ids"]
+    in_context = joint[len(sp_tok(query)["input_ids"]):]
+    assert alone != in_context  # the trap: "▁" + "1" on its own, "1" after "Label:"
+    assert answer_ids(sp_tok, spec, ex) == in_context == [label_token_ids(sp_tok, spec, query)["1"]]
+    rev = get_task("toy/reverse")
+    ex2 = Example({"text": "a b c"}, "c b a", "y")
+    q2 = format_query(rev, ex2)
+    assert answer_ids(sp_tok, rev, ex2) == sp_tok(q2 + " c b a")["input_ids"][len(sp_tok(q2)["input_ids"]):] + [
+        sp_tok.eos_token_id]
+
+
+def test_label_evaluation_with_a_bos_adding_tokenizer(sp_tok):
+    model = tiny_model("llama", sp_tok, hidden_size=32, num_layers=2, initializer_range=0.2)
+    spec = get_task("toy/polarity")
+    exs = [Example({"text": t}, a, f"t:{i}") for i, (t, a) in enumerate([("good", "1"), ("bad", "0")])]
+    m = evaluate(model, sp_tok, spec, exs, EvalConfig(), "cpu")
+    logits = next_token_logits(model, sp_tok, [format_query(spec, e) for e in exs], 8, "cpu")
+    ids = label_token_ids(sp_tok, spec, format_query(spec, exs[0]))
+    expected = [logits[i].argmax().item() == ids[e.answer] for i, e in enumerate(exs)]
+    assert m["acc"] == pytest.approx(sum(expected) / 2)

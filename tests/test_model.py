@@ -17,7 +17,7 @@ from ia2ray.core.model import (add_lora, load_model, load_trainable_state, model
         ("band:2:3", [2, 3, 4]),
         ("every:2", [0, 2, 4]),
         ("every:3:1", [1, 4]),
-        ([4, 0, 2], [0, 2, 4]),
+        ([4, 0, 2], [4, 0, 2]),  # explicit lists keep their order (layer_weights pair with it)
     ],
 )
 def test_resolve_layers(spec, expected):

@@ -121,3 +121,53 @@ def test_bfloat16_model_trains_and_evaluates(tmp_path):
     assert base == {torch.bfloat16} and adapter == {torch.float32}  # peft keeps adapter weights in fp32
     assert all(st["best_dev_loss"] < float("inf") for st in out.summary["stages"])
     assert 0.0 <= out.summary["test"]["acc"] <= 1.0
+
+
+def test_layer_weights_pair_with_the_layers_in_the_given_order(tmp_path):
+    base = ["pipeline=ia2", "eval.icl_baseline=false"]
+    swapped = run_pipeline(_cfg(tmp_path, *base, "align.layers=[2, 0]", "align.layer_weights=[1.0, 0.0]"),
+                           progress=False).summary
+    only2 = run_pipeline(_cfg(tmp_path, *base, "align.layers=[2]"), progress=False).summary
+    assert swapped["aligned_layers"] == [2, 0]
+    assert swapped["stages"][0]["best_dev_loss"] == pytest.approx(only2["stages"][0]["best_dev_loss"], rel=1e-6)
+
+
+def test_ia2_then_sft_continues_on_the_aligned_adapter(tmp_path):
+    """The sft stage's step-0 dev loss is the CE of the adapter the align stage ended with."""
+    from ia2ray.core.objective import StageObjective
+    from ia2ray.core.pipeline import stage_items
+    from ia2ray.core.stages import dev_loss
+
+    base = ["eval.icl_baseline=false"]
+    aligned = run_pipeline(_cfg(tmp_path, *base, "pipeline=ia2"), progress=False)
+    data = prepare_data(_cfg(tmp_path))
+    dev = stage_items(aligned.tokenizer, data.spec, data.splits.dev, "gold", None)
+    ce_after_align = dev_loss(aligned.model, dev, StageObjective("sft"), aligned.tokenizer.pad_token_id, 4, "cpu")
+    both = run_pipeline(_cfg(tmp_path, *base, "pipeline=ia2->sft"), progress=False)
+    sft_start = next(h["dev_loss"] for h in both.history if h["stage"] == "sft" and "dev_loss" in h)
+    assert sft_start == pytest.approx(ce_after_align, rel=1e-6)
+    fresh = run_pipeline(_cfg(tmp_path, *base, "pipeline=sft"), progress=False)
+    fresh_start = next(h["dev_loss"] for h in fresh.history if "dev_loss" in h)
+    assert fresh_start != pytest.approx(sft_start, rel=1e-6)  # the align stage did change the adapter
+
+
+def test_model_dependent_checks_are_reported_together_before_loading(tmp_path):
+    from ia2ray.config import ConfigError
+    from ia2ray.core.pipeline import preflight
+
+    cfg = _cfg(tmp_path, "align.layers=every:2", "align.layer_weights=[1.0]", "lora.layers=[1, 7]")
+    with pytest.raises(ConfigError) as info:
+        preflight(cfg, prepare_data(cfg))
+    errors = info.value.errors
+    assert len(errors) == 2, errors
+    assert "align.layer_weights: 1 weights for the 2 layers" in errors[0]
+    assert "lora.layers: [1, 7] selects layers [7] but the model has 4 layers" in errors[1]
+
+
+def test_cli_exits_2_on_model_dependent_errors_and_too_small_icl_pool(tmp_path):
+    res = _run_cli("--set", "align.layers=band:2:5", "--set", f"output.dir={tmp_path}/out", cwd=tmp_path)
+    assert res.returncode == 2 and "align.layers: 'band:2:5' selects layers [4, 5, 6]" in res.stderr
+    res = _run_cli("--set", "data.train_pool=80", "--set", "data.val_size=73", "--set", "eval.icl_draws=3",
+                   "--set", f"output.dir={tmp_path}/out", cwd=tmp_path)
+    assert res.returncode == 2 and "ICL pool too small" in res.stderr
+    assert not (tmp_path / "out").exists()

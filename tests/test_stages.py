@@ -148,3 +148,29 @@ def test_align_stops_the_forward_after_the_deepest_aligned_layer(llama):
         assert all(torch.equal(grads[True][1][k], grads[False][1][k]) for k in grads[True][1])
     finally:
         peft.unload()
+
+
+def test_dev_loss_is_checked_every_k_steps_and_at_every_epoch_end(llama):
+    model, tok = llama
+    items = _items(model, tok, n=3, g=1)
+    peft = add_lora(model, LoraConfig(rank=2), seed=0)
+    try:
+        settings = StageSettings(lr=1e-3, batch_size=2, max_epochs=2, patience=50, eval_every=3)
+        result = train_stage(peft, "align", items, items, StageObjective("align"), settings, tok.pad_token_id, "cpu")
+        assert [h["step"] for h in result.history if "dev_loss" in h] == [0, 2, 3, 4]
+        assert result.steps == 4
+    finally:
+        peft.unload()
+
+
+def test_non_finite_dev_loss_is_an_error_not_a_crash(llama):
+    model, tok = llama
+    items = _items(model, tok, n=1, g=1)
+    bad = [TrainItem(it.query_ids, it.target_ids, it.teacher * math.nan) for it in items]
+    peft = add_lora(model, LoraConfig(rank=2), seed=0)
+    try:
+        settings = StageSettings(lr=1e-3, batch_size=1, max_epochs=1)
+        with pytest.raises(NonFiniteLossError, match="dev loss is nan at step 0"):
+            train_stage(peft, "align", items, bad, StageObjective("align"), settings, tok.pad_token_id, "cpu")
+    finally:
+        peft.unload()

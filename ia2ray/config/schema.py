@@ -64,6 +64,13 @@ class LoraConfig(Section):
     )
     layers: Optional[list[int]] = Field(None, description="Restrict LoRA to these decoder layers (default: all).")
 
+    @field_validator("layers")
+    @classmethod
+    def _layer_list(cls, v):
+        if v is not None and (not v or len(set(v)) != len(v) or min(v) < 0):
+            raise ValueError("layer list must be non-empty, non-negative and without duplicates")
+        return v
+
 
 class AlignConfig(Section):
     layers: Union[str, list[int]] = Field(

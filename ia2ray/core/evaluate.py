@@ -13,22 +13,23 @@ from typing import Optional, Sequence
 import torch
 
 from ia2ray.config.schema import EvalConfig
-from ia2ray.core.generate import encode_prompts, greedy_generate, left_pad
+from ia2ray.core.generate import continuation_ids, encode_prompts, greedy_generate, left_pad
 from ia2ray.core.metrics import classification_metrics
 from ia2ray.data.examples import Example, build_icl_prompt, format_query
 from ia2ray.data.parsers import PARSERS
 from ia2ray.data.tasks import TaskSpec
 
 
-def label_token_ids(tokenizer, spec: TaskSpec) -> dict[str, int]:
-    """Label word -> its single answer token id; error when a label word is not one token."""
+def label_token_ids(tokenizer, spec: TaskSpec, query: str) -> dict[str, int]:
+    """Label word -> the single token it is right after `query` (any query of the task: they all
+    end with the template's tail); error when a label word is not exactly one token there."""
     out = {}
     for word in dict.fromkeys(spec.label_words.values()):
-        ids = tokenizer(spec.answer_template.format(answer=word), add_special_tokens=False)["input_ids"]
+        ids = continuation_ids(tokenizer, query, spec.answer_template.format(answer=word))
         if len(ids) != 1:
             raise ValueError(
-                f"task {spec.name}: label word {word!r} is {len(ids)} tokens for this tokenizer "
-                f"({ids}); single-token evaluation needs exactly one"
+                f"task {spec.name}: label word {word!r} is {len(ids)} tokens after the prompt for this "
+                f"tokenizer ({tokenizer.convert_ids_to_tokens(ids)}); single-token evaluation needs exactly one"
             )
         out[word] = ids[0]
     return out
@@ -61,8 +62,8 @@ def score_labels(logits: torch.Tensor, golds: Sequence[str], tokenizer, label_id
     probs = torch.softmax(logits, dim=-1)
     top = probs.topk(min(10, probs.shape[-1]), dim=-1)
     conf = top.values[:, 0] / top.values.sum(-1)
-    preds = [tokenizer.decode([t]).strip() for t in top.indices[:, 0].tolist()]
-    correct = [p == g for p, g in zip(preds, golds)]
+    pred_ids = top.indices[:, 0].tolist()
+    correct = [p == label_ids[g] or tokenizer.decode([p]).strip() == g for p, g in zip(pred_ids, golds)]
     gold_p = [probs[i, label_ids[g]].item() for i, g in enumerate(golds)]
     return correct, conf.tolist(), gold_p
 
@@ -88,7 +89,8 @@ def evaluate(model, tokenizer, spec: TaskSpec, examples: Sequence[Example], cfg:
     if spec.answer_type == "label":
         logits = next_token_logits(model, tokenizer, prompts, cfg.batch_size, device)
         golds = [ex.answer for ex in examples]
-        correct, conf, gold_p = score_labels(logits, golds, tokenizer, label_token_ids(tokenizer, spec), cfg.confidence)
+        label_ids = label_token_ids(tokenizer, spec, format_query(spec, examples[0]))
+        correct, conf, gold_p = score_labels(logits, golds, tokenizer, label_ids, cfg.confidence)
         metrics = classification_metrics(conf, correct, gold_p, n_bins=cfg.ece_bins, scheme=cfg.ece_scheme)
         metrics["confidence"] = cfg.confidence
         return metrics

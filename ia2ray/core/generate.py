@@ -61,6 +61,21 @@ def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
     return encoded
 
 
+def continuation_ids(tokenizer, prefix: str, continuation: str) -> list[int]:
+    """Token ids of `continuation` as it tokenizes right after `prefix` (e.g. an answer after its
+    query), so training targets and label tokens match what the model sees in demonstrations.
+
+    With SentencePiece-style tokenizers a text tokenizes differently on its own (leading "▁", BOS)
+    than in context; the ids are taken from the joint encoding when the prefix's own encoding is a
+    prefix of it, else (a merge across the boundary) from the continuation encoded on its own.
+    """
+    head = list(tokenizer(prefix)["input_ids"])
+    joint = list(tokenizer(prefix + continuation)["input_ids"])
+    if joint[: len(head)] == head:
+        return joint[len(head) :]
+    return list(tokenizer(continuation, add_special_tokens=False)["input_ids"])
+
+
 def left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Left-pad token lists into (input_ids, attention_mask, position_ids), each [B, T].
 

@@ -55,9 +55,11 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu"):
 
 
 def resolve_layers(spec: str | list[int], n_layers: int, key: str = "align.layers") -> list[int]:
-    """`all`, `band:START:WIDTH`, `every:K[:OFFSET]` or an explicit list -> sorted layer indices."""
+    """`all`, `band:START:WIDTH`, `every:K[:OFFSET]` or an explicit list -> layer indices.
+
+    An explicit list keeps its order, so `align.layer_weights` pairs with it entry by entry."""
     if isinstance(spec, list):
-        layers = sorted(spec)
+        layers = list(spec)
     elif spec == "all":
         layers = list(range(n_layers))
     elif spec.startswith("band:"):

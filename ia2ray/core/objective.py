@@ -54,7 +54,7 @@ def stage_loss(model, batch: Batch, objective: StageObjective) -> torch.Tensor:
     """Loss of one batch for the stage (a scalar with graph)."""
     decoder = base_model(model).get_decoder()
     if not objective.needs_teacher:
-        hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask)[0]
+        hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)[0]
         return answer_ce_loss(response_logits(model, hidden, batch), batch.targets, batch.position_mask)
     if batch.teacher is None:
         raise ValueError(f"the {objective.kind} stage needs teacher activations for every item")
@@ -62,7 +62,8 @@ def stage_loss(model, batch: Batch, objective: StageObjective) -> torch.Tensor:
     # The align stage needs nothing above its deepest aligned layer: stop the forward there.
     stop_early = objective.kind == "align" and objective.stop_early
     with ActivationRecorder(model, objective.site, layers, stop_early=stop_early) as rec:
-        out = rec.forward_until(decoder, input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        out = rec.forward_until(decoder, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                use_cache=False)
         acts = rec.stack()  # [L, B, T, d]
     index = batch.positions[None, :, :, None].expand(acts.shape[0], -1, -1, acts.shape[-1])
     student = torch.gather(acts, 2, index)  # [L, B, G, d]

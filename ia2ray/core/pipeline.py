@@ -13,14 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-import torch
+from transformers import AutoConfig, AutoTokenizer
 
+from ia2ray.config.load import ConfigError
 from ia2ray.config.schema import RunConfig
 from ia2ray.core.batches import TrainItem
 from ia2ray.core.cache import ActivationCache, content_hash, fingerprint_model, fingerprint_tokenizer
 from ia2ray.core.capture import capture_icl_activations
 from ia2ray.core.evaluate import evaluate, icl_baseline, label_token_ids
-from ia2ray.core.generate import Generated
+from ia2ray.core.generate import Generated, continuation_ids
 from ia2ray.core.model import add_lora, load_model, model_dir, resolve_device, resolve_layers
 from ia2ray.core.objective import StageObjective
 from ia2ray.core.sites import num_layers
@@ -55,15 +56,50 @@ class RunOutcome:
 class RunData:
     spec: TaskSpec
     splits: Splits
+    icl_draws: list[list[Example]]  # demo sets of the ICL baseline (empty when it is off)
 
 
 def prepare_data(cfg: RunConfig) -> RunData:
-    """Task spec, rows and the N-shot splits; raises DataError/ValueError before any model loads."""
+    """Task spec, rows, N-shot splits and ICL demo draws; raises DataError/ValueError before any
+    model loads."""
     spec = get_task(cfg.task.name)
     train_rows = pools(load_examples(spec, cfg.task.path, "train", seed=0), cfg.data.train_pool, seed=0)
     eval_rows = pools(load_examples(spec, cfg.task.eval_path, "eval", seed=0), cfg.data.eval_pool, seed=0)
     splits = make_splits(train_rows, eval_rows, cfg.data.n, cfg.data.seed, cfg.data.val_size, cfg.data.test_size)
-    return RunData(spec, splits)
+    draws = []
+    if cfg.eval.icl_baseline:
+        draws = icl_demo_draws(splits, max(cfg.data.n - 1, 0), cfg.eval.icl_draws, cfg.data.seed)
+    return RunData(spec, splits, draws)
+
+
+def preflight(cfg: RunConfig, data: RunData) -> None:
+    """Checks that need the model's config or tokenizer (layer ranges, layer weights, label tokens),
+    all reported together as a ConfigError before any weights are loaded."""
+    path = model_dir(cfg.model)
+    kw = dict(revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
+    n_layers = AutoConfig.from_pretrained(path, **kw).num_hidden_layers
+    errors, layers = [], None
+    try:
+        layers = resolve_layers(cfg.align.layers, n_layers)
+    except ValueError as exc:
+        errors.append(str(exc))
+    weights = cfg.align.layer_weights
+    if layers is not None and weights is not None and len(weights) != len(layers):
+        errors.append(f"align.layer_weights: {len(weights)} weights for the {len(layers)} layers that "
+                      f"align.layers={cfg.align.layers!r} selects ({layers})")
+    if cfg.lora.layers is not None:
+        try:
+            resolve_layers(cfg.lora.layers, n_layers, key="lora.layers")
+        except ValueError as exc:
+            errors.append(str(exc))
+    if data.spec.answer_type == "label":
+        tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+        try:
+            label_token_ids(tokenizer, data.spec, format_query(data.spec, data.splits.train[0]))
+        except ValueError as exc:
+            errors.append(f"task.name: {exc}")
+    if errors:
+        raise ConfigError(errors, f"the config (checked against {path})")
 
 
 def dev_prompts(spec: TaskSpec, splits: Splits, seed: int) -> list[str]:
@@ -83,7 +119,8 @@ def capture_teacher(cfg: RunConfig, model, tokenizer, data: RunData, progress: b
     budget = cfg.align.max_new_tokens or spec.max_new_tokens
     cache = ActivationCache(Path(cfg.capture.cache_dir).expanduser() if cfg.capture.cache_dir else ia2ray_home() / "activations")
     parts = dict(
-        model=fingerprint_model(model_dir(cfg.model), cfg.model.revision),
+        # a hub checkpoint's config carries the commit it was loaded from: key on that, not a branch
+        model=fingerprint_model(model_dir(cfg.model), getattr(model.config, "_commit_hash", None) or cfg.model.revision),
         model_dtype=cfg.model.dtype,
         tokenizer=fingerprint_tokenizer(tokenizer),
         task=spec.model_dump(mode="json"),
@@ -107,8 +144,8 @@ def capture_teacher(cfg: RunConfig, model, tokenizer, data: RunData, progress: b
 
 
 def answer_ids(tokenizer, spec: TaskSpec, ex: Example) -> list[int]:
-    """Gold answer tokens (EOS appended for free-text answers, as in the paper)."""
-    ids = tokenizer(format_answer(spec, ex), add_special_tokens=False)["input_ids"]
+    """Gold answer tokens as they follow the query (EOS appended for free-text answers, as in the paper)."""
+    ids = continuation_ids(tokenizer, format_query(spec, ex), format_answer(spec, ex))
     if spec.answer_type == "text" and tokenizer.eos_token_id is not None:
         ids = ids + [tokenizer.eos_token_id]
     return ids
@@ -132,21 +169,17 @@ def run_pipeline(cfg: RunConfig, *, data: Optional[RunData] = None, progress: bo
                  on_log: Optional[Callable[[str, dict], None]] = None) -> RunOutcome:
     """Run `cfg` end to end; returns the summary (val/test metrics, ICL baseline, stage histories)."""
     data = data or prepare_data(cfg)
+    preflight(cfg, data)
     spec, splits = data.spec, data.splits
     device = resolve_device(cfg.train.device)
     model, tokenizer = load_model(cfg.model, device)
     layers = resolve_layers(cfg.align.layers, num_layers(model))
-    if cfg.align.layer_weights is not None and len(cfg.align.layer_weights) != len(layers):
-        raise ValueError(f"align.layer_weights has {len(cfg.align.layer_weights)} entries for {len(layers)} aligned layers")
-    if spec.answer_type == "label":
-        label_token_ids(tokenizer, spec)
 
     summary: dict = {"name": cfg.name, "pipeline": cfg.pipeline, "task": spec.name, "n": cfg.data.n,
                      "seed": cfg.data.seed, "aligned_layers": layers, "ece_scheme": cfg.eval.ece_scheme}
     if cfg.eval.icl_baseline:
-        draws = icl_demo_draws(splits, max(cfg.data.n - 1, 0), cfg.eval.icl_draws, cfg.data.seed)
-        summary["icl"] = {split: icl_baseline(model, tokenizer, spec, getattr(splits, split), draws, cfg.eval, device)
-                          for split in ("val", "test")}
+        summary["icl"] = {split: icl_baseline(model, tokenizer, spec, getattr(splits, split), data.icl_draws,
+                                              cfg.eval, device) for split in ("val", "test")}
 
     stages = PIPELINE_STAGES[cfg.pipeline]
     teacher = None

@@ -1,8 +1,9 @@
 """One training stage in one process: Adam over the adapter, dev-loss early stopping, best-state restore.
 
 The paper's recipe: Adam without weight decay, scheduler or clipping; dev loss checked every
-`eval_every` optimiser steps; stop after `patience` checks without improvement; restore the best
-adapter. The loop below reads top to bottom; the distributed version reuses `stage_loss`.
+`eval_every` optimiser steps and at the end of every epoch (as the reference does); stop after
+`patience` checks without improvement; restore the best adapter. We also check once before the first
+step, so a stage that only makes the dev loss worse leaves the adapter as it found it. The loop below reads top to bottom; the distributed version reuses `stage_loss`.
 """
 
 from __future__ import annotations
@@ -115,6 +116,8 @@ def train_stage(
 
     def check(step: int) -> bool:
         loss = dev_loss(model, dev_items, objective, pad_id, settings.batch_size, device)
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(f"stage {name}: dev loss is {loss} at step {step}")
         result.history.append({"step": step, "dev_loss": loss})
         log(name, {"step": step, "dev_loss": loss})
         return stopper.update(loss, step, model)
@@ -125,7 +128,8 @@ def train_stage(
     for epoch in range(settings.max_epochs):
         result.epochs = epoch + 1
         order = torch.randperm(len(train_items), generator=gen)
-        for chunk in batches(train_items, settings.batch_size, order):
+        chunks = list(batches(train_items, settings.batch_size, order))
+        for i, chunk in enumerate(chunks):
             batch = collate(chunk, pad_id, _layers(objective)).to(device)
             loss = stage_loss(model, batch, objective)
             if not torch.isfinite(loss):
@@ -136,7 +140,8 @@ def train_stage(
             step += 1
             result.history.append({"step": step, "train_loss": loss.item()})
             log(name, {"step": step, "train_loss": loss.item()})
-            if step % settings.eval_every == 0 and check(step):
+            epoch_end = i == len(chunks) - 1  # the reference also checks at every epoch end
+            if (step % settings.eval_every == 0 or epoch_end) and check(step):
                 result.stopped_early = True
                 break
         if result.stopped_early:

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
@@ -107,6 +107,26 @@ def train_bpe_tokenizer(texts: list[str], vocab_size: int = 400) -> PreTrainedTo
         pad_token=EOS_TOKEN,
         clean_up_tokenization_spaces=False,
     )
+
+
+def train_metaspace_tokenizer(texts: list[str], vocab_size: int = 400) -> PreTrainedTokenizerFast:
+    """A Llama-2 / Mistral-style tokenizer: SentencePiece-like Metaspace BPE ("▁" marks a space, one
+    is prepended to the text), digits split, BOS "<s>" added to every encoding, EOS "</s>".
+
+    Unlike the byte-level tokenizer, a word tokenizes differently at the start of a string than
+    after other text, so it exposes query/answer tokenization boundary bugs.
+    """
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first"),
+        pre_tokenizers.Digits(individual_digits=True),
+    ])
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="</s>", clean_up_tokenization_spaces=False)
 
 
 def tiny_config(

@@ -1,0 +1,25 @@
+"""The core benchmark runs end to end and writes its report (a smoke run; figures are not asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_bench_core_quick_writes_its_report(tmp_path):
+    out = tmp_path / "core.json"
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_core.py"), "--quick", "--out", str(out)],
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr
+    report = json.loads(out.read_text())
+    assert report["command"] == "python bench/bench_core.py --quick"
+    assert {row["G"] for row in report["capture"]} == {8, 64}
+    assert all(row["fast_s"] > 0 and row["reference_s"] > 0 for row in report["capture"])
+    assert {"align_step_ms", "sft_step_ms", "align_layer0_step_ms", "align_over_sft"} <= set(report["steps"][0])
