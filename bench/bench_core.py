@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import random
 import statistics
@@ -24,6 +23,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ia2ray.fileio import write_json_atomic  # noqa: E402
 from ia2ray.config.schema import LoraConfig  # noqa: E402
 from ia2ray.core.batches import TrainItem, collate  # noqa: E402
 from ia2ray.core.capture import capture_icl_activations, capture_reference  # noqa: E402
@@ -141,10 +141,8 @@ def main() -> None:
         "capture": capture,
         "steps": steps,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_json_atomic(args.out, report)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -14,6 +15,16 @@ from ia2ray.core.capture import capture_icl_activations
 from ia2ray.core.model import add_lora, trainable_state
 from ia2ray.core.objective import StageObjective, stage_loss
 from ia2ray.core.stages import EarlyStopping, NonFiniteLossError, StageSettings, train_stage
+
+
+@contextmanager
+def adapter(model, cfg: LoraConfig, seed: int = 0):
+    """A fresh LoRA adapter on `model` for the duration of a test (removed afterwards)."""
+    peft = add_lora(model, cfg, seed=seed)
+    try:
+        yield peft
+    finally:
+        peft.unload()
 
 
 def test_collate_places_response_positions_after_the_query():
@@ -54,21 +65,17 @@ def test_student_equal_to_teacher_has_zero_alignment_loss(llama):
     prompts = ["Text: good\nLabel: 1\n\nText: bad\nLabel:", "Text: a b c\nLabel:"]
     teacher = capture_icl_activations(model, tok, prompts, 4)
     items = [TrainItem(tok(p)["input_ids"], t.token_ids.tolist(), t.activations) for p, t in zip(prompts, teacher)]
-    peft = add_lora(model, LoraConfig(rank=2), seed=0)  # LoRA B = 0: same function as the base
-    try:
+    with adapter(model, LoraConfig(rank=2)) as peft:  # LoRA B = 0: same function as the base
         batch = collate(items, tok.pad_token_id)
         for site_loss in ("mse", "cosine"):
             loss = stage_loss(peft, batch, StageObjective("align", align_loss=site_loss))
             assert loss.item() == pytest.approx(0.0, abs=1e-5)
-    finally:
-        peft.unload()
 
 
 def test_align_stage_lowers_the_loss_and_restores_the_best_adapter(llama):
     model, tok = llama
     items = _items(model, tok)
-    peft = add_lora(model, LoraConfig(rank=4), seed=0)
-    try:
+    with adapter(model, LoraConfig(rank=4)) as peft:
         objective = StageObjective("align", layers=(1, 2))
         settings = StageSettings(lr=1e-2, batch_size=2, max_epochs=8, patience=100, eval_every=1)
         result = train_stage(peft, "align", items, items, objective, settings, tok.pad_token_id, "cpu")
@@ -78,8 +85,6 @@ def test_align_stage_lowers_the_loss_and_restores_the_best_adapter(llama):
         assert result.best_dev_loss == min(dev)
         final = stage_loss(peft.eval(), collate(items, tok.pad_token_id, [1, 2]), objective).item()
         assert final == pytest.approx(result.best_dev_loss, rel=1e-5)
-    finally:
-        peft.unload()
 
 
 def test_early_stopping_counts_checks_without_improvement():
@@ -95,8 +100,7 @@ def test_early_stopping_counts_checks_without_improvement():
 def test_stage_stops_early_when_dev_loss_stalls_and_keeps_the_best(llama):
     model, tok = llama
     items = _items(model, tok, n=2)
-    peft = add_lora(model, LoraConfig(rank=2), seed=0)
-    try:
+    with adapter(model, LoraConfig(rank=2)) as peft:
         # lr = 0: the dev loss never improves on step 0, so patience (2 checks) ends the stage at step 2
         settings = StageSettings(lr=0.0, batch_size=1, max_epochs=50, patience=2, eval_every=1)
         before = trainable_state(peft)
@@ -104,28 +108,22 @@ def test_stage_stops_early_when_dev_loss_stalls_and_keeps_the_best(llama):
         assert (result.stopped_early, result.steps, result.best_step, result.epochs) == (True, 2, 0, 1)
         after = trainable_state(peft)
         assert all(torch.equal(before[k], after[k]) for k in before)
-    finally:
-        peft.unload()
 
 
 def test_non_finite_loss_names_the_step(llama):
     model, tok = llama
     items = _items(model, tok, n=1, g=1)
     bad = [TrainItem(it.query_ids, it.target_ids, it.teacher * math.inf) for it in items]
-    peft = add_lora(model, LoraConfig(rank=2), seed=0)
-    try:
+    with adapter(model, LoraConfig(rank=2)) as peft:
         settings = StageSettings(lr=1e-3, batch_size=1, max_epochs=1, patience=5, eval_every=2)
         with pytest.raises(NonFiniteLossError, match="at step 1"):
             train_stage(peft, "align", bad, items, StageObjective("align"), settings, tok.pad_token_id, "cpu")
-    finally:
-        peft.unload()
 
 
 def test_align_stops_the_forward_after_the_deepest_aligned_layer(llama):
     model, tok = llama
     items = _items(model, tok, n=2, g=2)
-    peft = add_lora(model, LoraConfig(rank=2), seed=0)
-    try:
+    with adapter(model, LoraConfig(rank=2)) as peft:
         with torch.no_grad():  # non-zero LoRA B so the adapter affects the loss
             for n, p in peft.named_parameters():
                 if "lora_B" in n:
@@ -146,31 +144,23 @@ def test_align_stops_the_forward_after_the_deepest_aligned_layer(llama):
         assert torch.equal(grads[True][0], grads[False][0])
         assert grads[True][1].keys() == grads[False][1].keys() and len(grads[True][1]) > 0
         assert all(torch.equal(grads[True][1][k], grads[False][1][k]) for k in grads[True][1])
-    finally:
-        peft.unload()
 
 
 def test_dev_loss_is_checked_every_k_steps_and_at_every_epoch_end(llama):
     model, tok = llama
     items = _items(model, tok, n=3, g=1)
-    peft = add_lora(model, LoraConfig(rank=2), seed=0)
-    try:
+    with adapter(model, LoraConfig(rank=2)) as peft:
         settings = StageSettings(lr=1e-3, batch_size=2, max_epochs=2, patience=50, eval_every=3)
         result = train_stage(peft, "align", items, items, StageObjective("align"), settings, tok.pad_token_id, "cpu")
         assert [h["step"] for h in result.history if "dev_loss" in h] == [0, 2, 3, 4]
         assert result.steps == 4
-    finally:
-        peft.unload()
 
 
 def test_non_finite_dev_loss_is_an_error_not_a_crash(llama):
     model, tok = llama
     items = _items(model, tok, n=1, g=1)
     bad = [TrainItem(it.query_ids, it.target_ids, it.teacher * math.nan) for it in items]
-    peft = add_lora(model, LoraConfig(rank=2), seed=0)
-    try:
+    with adapter(model, LoraConfig(rank=2)) as peft:
         settings = StageSettings(lr=1e-3, batch_size=1, max_epochs=1)
         with pytest.raises(NonFiniteLossError, match="dev loss is nan at step 0"):
             train_stage(peft, "align", items, bad, StageObjective("align"), settings, tok.pad_token_id, "cpu")
-    finally:
-        peft.unload()

@@ -15,8 +15,11 @@ from ia2ray.data.splits import (
     training_demos,
     training_prompts,
 )
-from ia2ray.data.synthetic import GENERATORS, generate_rows
+from ia2ray.data.synthetic import GENERATORS, generate_rows, register_generator
 from ia2ray.data.tasks import TaskSpec, get_task, register_task, task_names, template_fields
+
+# Registers the built-in testbed tasks (testbed/...) and their generators.
+from ia2ray.data import testbed  # noqa: E402,F401  (import for its side effect)
 
 __all__ = [
     "DataError",
@@ -39,6 +42,7 @@ __all__ = [
     "make_splits",
     "normalize_number",
     "pools",
+    "register_generator",
     "register_parser",
     "register_task",
     "task_names",

@@ -55,6 +55,16 @@ GENERATORS: dict[str, Generator] = {
 }
 
 
+def register_generator(name: str, fn: Generator, *, replace: bool = False) -> Generator:
+    """Register ``fn`` as generator ``name`` (task specs refer to it by name). Re-registering the
+    same function is a no-op; another function under a taken name needs ``replace=True``."""
+    existing = GENERATORS.get(name)
+    if existing is not None and existing is not fn and not replace:
+        raise ValueError(f"generator {name!r} is already registered")
+    GENERATORS[name] = fn
+    return fn
+
+
 def generate_rows(name: str, n_rows: int, seed: int) -> list[dict[str, Any]]:
     """Run the generator registered as ``name`` (``KeyError`` listing known names otherwise)."""
     if name not in GENERATORS:
