@@ -174,7 +174,8 @@ def test_accuracy_brier_nll():
 def test_classification_metrics():
     conf, corr = [0.9, 0.6, 0.2], [1, 0, 0]
     m = classification_metrics(conf, corr, gold_probs=torch.tensor([0.9, 0.4, 0.8]))
-    assert set(m) == {"acc", "ece", "nll", "brier", "n", "ece_scheme", "ece_bins"}
+    assert set(m) == {"acc", "ece", "nll", "brier", "n", "ece_scheme", "ece_bins", "reliability"}
+    assert m["reliability"] == reliability_bins(conf, corr)
     assert m["n"] == 3 and m["ece_scheme"] == "equal_mass" and m["ece_bins"] == 15
     assert m["ece"] == pytest.approx(0.3, **TIGHT)
     assert m["acc"] == pytest.approx(1 / 3, **TIGHT)

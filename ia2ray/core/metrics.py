@@ -167,7 +167,8 @@ def classification_metrics(
     """All metrics of one evaluation in a flat dict.
 
     Keys: ``acc``, ``ece``, ``brier``, ``n`` (number of examples), ``ece_scheme``, ``ece_bins``
-    (the number of bins requested), and ``nll`` when ``gold_probs`` is given.
+    (the number of bins requested), ``reliability`` (the bins behind the ECE, for reliability
+    diagrams), and ``nll`` when ``gold_probs`` is given.
     """
     conf, corr = _paired(confidences, correct)
     result: dict[str, Any] = {
@@ -177,6 +178,7 @@ def classification_metrics(
         "n": int(conf.size),
         "ece_scheme": scheme,
         "ece_bins": int(n_bins),
+        "reliability": reliability_bins(conf, corr, n_bins=n_bins, scheme=scheme),
     }
     if gold_probs is not None:
         probs = _to_numpy(gold_probs, "gold_probs")
