@@ -69,7 +69,7 @@ def test_frozen_and_extra_forbidden():
         ({"label_words": {"0": " ", "1": "a"}}, "label_words must not be empty"),
         ({"answer_type": "text"}, "label_words is only allowed with answer_type 'label'"),
         ({"parser": "nope"}, r"unknown parser 'nope' \(known: after_hashes, boxed, number, strip\)"),
-        ({"generator": "nope"}, r"unknown generator 'nope' \(known: polarity, reverse\)"),
+        ({"generator": "nope"}, r"unknown generator 'nope' \(known: polarity, reverse, testbed/map2, "),
         ({"answer_template": " {label}"}, r"answer_template must use exactly the placeholder \{answer\}"),
         ({"max_new_tokens": 0}, "greater than or equal to 1"),
         ({"input_fields": []}, "at least 1 item"),

@@ -54,7 +54,8 @@ def test_multi_token_task_aligns_several_positions(tmp_path):
 
 @pytest.mark.parametrize("arch", ["qwen3", "gpt2"])
 def test_other_architectures_run_ia2_sft(tmp_path, arch):
-    cfg = _cfg(tmp_path, f"model.path=builtin:tiny-{arch}", "pipeline=ia2->sft", "eval.icl_baseline=false",
+    cfg = _cfg(tmp_path, f"model.path=builtin:tiny-{arch}", "task.name=toy/polarity", "pipeline=ia2->sft",
+               "eval.icl_baseline=false",
                "align.site=residual")
     s = run_pipeline(cfg, progress=False).summary
     assert len(s["stages"]) == 2 and s["stages"][0]["best_dev_loss"] < float("inf")
@@ -167,7 +168,7 @@ def test_model_dependent_checks_are_reported_together_before_loading(tmp_path):
 def test_cli_exits_2_on_model_dependent_errors_and_too_small_icl_pool(tmp_path):
     res = _run_cli("--set", "align.layers=band:2:5", "--set", f"output.dir={tmp_path}/out", cwd=tmp_path)
     assert res.returncode == 2 and "align.layers: 'band:2:5' selects layers [4, 5, 6]" in res.stderr
-    res = _run_cli("--set", "data.train_pool=80", "--set", "data.val_size=73", "--set", "eval.icl_draws=3",
+    res = _run_cli("--set", "data.n=4", "--set", "data.train_pool=80", "--set", "data.val_size=73", "--set", "eval.icl_draws=3",
                    "--set", f"output.dir={tmp_path}/out", cwd=tmp_path)
     assert res.returncode == 2 and "ICL pool too small" in res.stderr
     assert not (tmp_path / "out").exists()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from importlib import resources
+from pathlib import Path
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
@@ -27,7 +29,14 @@ def resolve_device(spec: str = "auto") -> torch.device:
 
 
 def model_dir(cfg: ModelConfig) -> str:
-    """Hub id or local path to load; `builtin:tiny-<arch>` is built once into the user cache."""
+    """Hub id or local path to load; `builtin:tiny-<arch>` is built once into the user cache;
+    `builtin:testbed` is the shipped ICL testbed model (ia2ray/testbed/model)."""
+    if cfg.path == "builtin:testbed":
+        path = Path(str(resources.files("ia2ray") / "testbed" / "model"))  # shipped package data
+        if not (path / "model.safetensors").is_file():
+            raise FileNotFoundError(f"model.path: the testbed model is missing from {path}; "
+                                    f"rebuild it with `python -m ia2ray.testbed --rebuild --out {path}`")
+        return str(path)
     if not cfg.path.startswith(BUILTIN_PREFIX):
         return cfg.path
     from ia2ray.core.tiny import TINY_ARCHS, build_tiny_checkpoint

@@ -67,6 +67,7 @@ GLOBAL_MAPPING: dict[str, str] = dict(zip(CLASS_NAMES, LABEL_WORDS))
 class TestbedTask:
     """One task: its classes, the label word of each (same order), and the family."""
 
+    __test__ = False  # not a pytest test class despite the name
     classes: tuple[str, ...]
     labels: tuple[str, ...]
     family: str = "map"  # "map": one word -> one label word; "seq": 2-3 words -> their labels
@@ -141,7 +142,8 @@ class MixConfig:
     p_seq: float = 0.25  # share of tasks from the multi-token seq family
     min_classes: int = 2
     max_classes: int = 4
-    max_items: int = 12  # items per sequence: 1..max_items (= 0..max_items-1 demos + a query)
+    min_items: int = 10  # items per sequence: uniform in min_items..max_items; item k is a k-shot
+    max_items: int = 10  # prediction, so one sequence trains 0..max_items-1 demos at once
     class_names: tuple[str, ...] = field(default=CLASS_NAMES)
 
 
@@ -188,9 +190,9 @@ def build_sequence(task: TestbedTask, examples: list[Example]) -> PretrainSequen
 
 
 def sample_sequence(rng: random.Random, mix: MixConfig, n_items: int | None = None) -> PretrainSequence:
-    """A random task and ``n_items`` (default: uniform in 1..max_items) of its rows as one sequence."""
+    """A random task and ``n_items`` (default: uniform in min_items..max_items) of its rows as one sequence."""
     task = sample_task(rng, mix)
-    n = n_items if n_items is not None else rng.randint(1, mix.max_items)
+    n = n_items if n_items is not None else rng.randint(mix.min_items, mix.max_items)
     return build_sequence(task, [row_example(task, task_row(rng, task)) for _ in range(n)])
 
 
