@@ -10,14 +10,8 @@ import pytest
 import torch
 
 import ia2ray.core.cache as cache_mod
-from ia2ray.core.cache import (
-    SHARD_BYTES,
-    ActivationCache,
-    CacheError,
-    content_hash,
-    fingerprint_model,
-    fingerprint_tokenizer,
-)
+from ia2ray.core.cache import SHARD_BYTES, ActivationCache, CacheError
+from ia2ray.core.fingerprint import content_hash, fingerprint_model, fingerprint_tokenizer
 from ia2ray.core.generate import Generated
 
 L, D = 3, 8

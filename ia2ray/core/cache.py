@@ -28,6 +28,7 @@ from typing import Any
 import safetensors.torch
 import torch
 
+from ia2ray.core.fingerprint import content_hash
 from ia2ray.core.generate import Generated
 
 logger = logging.getLogger(__name__)
@@ -42,70 +43,10 @@ _MANIFEST_FIELDS = {  # field -> type, checked on load
 }
 _SHARD_RE = re.compile(r"^shard-\d{5}\.safetensors$")
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
-_CHUNK = 8 * 2**20
 
 
 class CacheError(Exception):
     """A cache entry is missing, incomplete or corrupt; the message names the offending file."""
-
-
-def content_hash(obj: Any) -> str:
-    """sha256 hex digest of the canonical JSON of ``obj`` (sorted keys, no whitespace)."""
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-_MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json")
-_MODEL_CONFIG_FILES = ("config.json", "generation_config.json", "adapter_config.json")
-
-
-def fingerprint_model(name_or_path: str, revision: str | None = None) -> str:
-    """Identify model weights: a local directory by content, a hub id by ``id@revision``.
-
-    For a local directory: sha256 over (relative name, size, sha256 of content) of its config and
-    weight files (top level only). ``revision`` is ignored for local directories.
-    """
-    root = Path(name_or_path).expanduser()
-    if not root.is_dir():
-        return f"{name_or_path}@{revision or 'main'}"
-    files = sorted(
-        p for p in root.iterdir()
-        if p.is_file() and (p.name in _MODEL_CONFIG_FILES or p.name.endswith(_MODEL_FILE_SUFFIXES))
-    )
-    if not files:
-        raise ValueError(f"{root} holds no config or weight files to fingerprint")
-    parts = [[p.name, p.stat().st_size, _file_sha256(p)] for p in files]
-    return content_hash(parts)
-
-
-def fingerprint_tokenizer(tokenizer: Any) -> str:
-    """sha256 of the tokenizer's class name, serialized vocab/merges/pipeline and special tokens.
-
-    Fast tokenizers are serialized with ``backend_tokenizer.to_str()`` minus the runtime padding /
-    truncation settings (which change whenever the tokenizer is called with ``padding=...``); slow
-    ones by ``get_vocab()``.
-    """
-    state: dict[str, Any] = {
-        "class": type(tokenizer).__name__,
-        "special_tokens": getattr(tokenizer, "special_tokens_map", {}),
-    }
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        serialized = json.loads(backend.to_str())
-        serialized.pop("padding", None)
-        serialized.pop("truncation", None)
-        state["backend"] = serialized
-    else:
-        state["vocab"] = tokenizer.get_vocab()
-    return content_hash(state)
 
 
 class ActivationCache:

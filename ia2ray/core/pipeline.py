@@ -18,7 +18,8 @@ from transformers import AutoConfig, AutoTokenizer
 from ia2ray.config.load import ConfigError
 from ia2ray.config.schema import RunConfig
 from ia2ray.core.batches import TrainItem
-from ia2ray.core.cache import ActivationCache, content_hash, fingerprint_model, fingerprint_tokenizer
+from ia2ray.core.cache import ActivationCache
+from ia2ray.core.fingerprint import content_hash, fingerprint_model, fingerprint_tokenizer
 from ia2ray.core.capture import capture_icl_activations
 from ia2ray.core.evaluate import evaluate, icl_baseline, label_token_ids
 from ia2ray.core.generate import Generated, continuation_ids
