@@ -88,18 +88,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     hf_logging.disable_progress_bar()
 
     # Heavy imports only after the config is known to be valid.
-    from ia2ray.core.pipeline import preflight, prepare_data, run_pipeline
+    from ia2ray.core.pipeline import prepare_data, run_pipeline
     from ia2ray.data.loaders import DataError
 
     try:
         data = prepare_data(cfg)  # every bad data row is reported here, before any model loads
-        preflight(cfg, data)
-    except (DataError, ConfigError, ValueError, KeyError) as exc:
+    except (DataError, ValueError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
-        outcome = run_pipeline(cfg, data=data, on_log=_stage_progress(progress, cfg, len(data.splits.train)))
+    try:
+        with Progress(*columns, console=console, transient=True) as progress:
+            outcome = run_pipeline(cfg, data=data, on_log=_stage_progress(progress, cfg, len(data.splits.train)))
+    except ConfigError as exc:  # model-dependent checks (preflight), raised before any weights load
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     summary = outcome.summary
 
     out_dir = cfg.output.dir.format(name=cfg.name)
