@@ -8,7 +8,6 @@ Pipelines (paper name -> ours):
 from __future__ import annotations
 
 import logging
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -27,9 +26,8 @@ from ia2ray.core.model import add_lora, load_model, model_dir, resolve_device, r
 from ia2ray.core.objective import StageObjective
 from ia2ray.core.sites import num_layers
 from ia2ray.core.stages import StageSettings, train_stage
-from ia2ray.data.examples import Example, build_icl_prompt, format_answer, format_query
-from ia2ray.data.loaders import load_examples
-from ia2ray.data.splits import Splits, icl_demo_draws, make_splits, pools, training_prompts
+from ia2ray.data.examples import Example, format_answer, format_query
+from ia2ray.data.splits import Splits, dev_prompts, icl_demo_draws, load_pools, make_splits, training_prompts
 from ia2ray.data.tasks import TaskSpec, get_task
 from ia2ray.fileio import ia2ray_home
 
@@ -64,8 +62,7 @@ def prepare_data(cfg: RunConfig) -> RunData:
     """Task spec, rows, N-shot splits and ICL demo draws; raises DataError/ValueError before any
     model loads."""
     spec = get_task(cfg.task.name)
-    train_rows = pools(load_examples(spec, cfg.task.path, "train", seed=0), cfg.data.train_pool, seed=0)
-    eval_rows = pools(load_examples(spec, cfg.task.eval_path, "eval", seed=0), cfg.data.eval_pool, seed=0)
+    train_rows, eval_rows = load_pools(spec, cfg.data.train_pool, cfg.data.eval_pool, cfg.task.path, cfg.task.eval_path)
     splits = make_splits(train_rows, eval_rows, cfg.data.n, cfg.data.seed, cfg.data.val_size, cfg.data.test_size)
     draws = []
     if cfg.eval.icl_baseline:
@@ -101,16 +98,6 @@ def preflight(cfg: RunConfig, data: RunData) -> None:
             errors.append(f"task.name: {exc}")
     if errors:
         raise ConfigError(errors, f"the config (checked against {path})")
-
-
-def dev_prompts(spec: TaskSpec, splits: Splits, seed: int) -> list[str]:
-    """ICL prompts of the dev examples: N-1 training examples (seeded order) as demos."""
-    prompts = []
-    for i, ex in enumerate(splits.dev):
-        demos = list(splits.train)
-        random.Random(f"dev-demos:{seed}:{i}").shuffle(demos)
-        prompts.append(build_icl_prompt(spec, demos[: max(len(demos) - 1, 0)], ex))
-    return prompts
 
 
 def capture_teacher(cfg: RunConfig, model, tokenizer, data: RunData, progress: bool = True) -> list[Generated]:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Sequence, TypeVar
 
 from ia2ray.data.examples import Example, build_icl_prompt
+from ia2ray.data.loaders import load_examples
 from ia2ray.data.tasks import TaskSpec
 
 T = TypeVar("T")
@@ -46,6 +47,15 @@ def pools(rows: Sequence[T], size: int, seed: int = 0) -> list[T]:
     shuffled = list(rows)
     random.Random(f"pool:{seed}").shuffle(shuffled)
     return shuffled[:size]
+
+
+def load_pools(spec: TaskSpec, train_size: int, eval_size: int, train_path: str | None = None,
+               eval_path: str | None = None) -> tuple[list[Example], list[Example]]:
+    """(train pool, eval pool) of a task: its rows from a local file, the hub or its generator,
+    each seeded-shuffled (pool seed 0) and truncated to the given size."""
+    train = pools(load_examples(spec, train_path, "train", seed=0), train_size, seed=0)
+    eval_rows = pools(load_examples(spec, eval_path, "eval", seed=0), eval_size, seed=0)
+    return train, eval_rows
 
 
 def dev_size(n: int) -> int:
@@ -106,6 +116,17 @@ def training_prompts(spec: TaskSpec, splits: Splits, seed: int) -> list[str]:
         build_icl_prompt(spec, demos, query)
         for demos, query in zip(training_demos(splits, seed), splits.train)
     ]
+
+
+def dev_prompts(spec: TaskSpec, splits: Splits, seed: int) -> list[str]:
+    """Teacher prompts of the dev examples (for the alignment dev loss): N-1 of the training
+    examples, in a seeded shuffled order, as demos."""
+    prompts = []
+    for i, ex in enumerate(splits.dev):
+        demos = list(splits.train)
+        random.Random(f"dev-demos:{seed}:{i}").shuffle(demos)
+        prompts.append(build_icl_prompt(spec, demos[: max(len(demos) - 1, 0)], ex))
+    return prompts
 
 
 def icl_demo_draws(splits: Splits, n_demos: int, draws: int, seed: int) -> list[list[Example]]:

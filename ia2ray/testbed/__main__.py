@@ -105,10 +105,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     console.print(f"{'built' if built else 'reusing'} testbed model in {out_dir} ({time.perf_counter() - started:.0f} s)")
-    report = evaluate_dir(out_dir, args.device)
-    build_info = json.loads((out_dir / "report.json").read_text()).get("build", {})
-    report = {"model_path": str(out_dir.resolve()), "reused": not built, "recipe": recipe.to_dict(),
-              "build": build_info, **report}
+    saved = json.loads((out_dir / "report.json").read_text())
+    # a fresh build already evaluated its model (report.json); a reused one is evaluated as loaded
+    report = saved if built else evaluate_dir(out_dir, args.device)
+    report = {**report, "model_path": str(out_dir.resolve()), "reused": not built, "recipe": recipe.to_dict(),
+              "build": saved.get("build", {})}
     print_report(report)
     if args.report_json:
         write_json_atomic(args.report_json, report)

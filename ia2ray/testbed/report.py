@@ -21,9 +21,8 @@ from typing import Any, Sequence
 from ia2ray.config.schema import EvalConfig
 from ia2ray.core.evaluate import evaluate, icl_baseline
 from ia2ray.data.examples import Example
-from ia2ray.data.loaders import load_examples
-from ia2ray.data.splits import icl_demo_draws, make_splits, pools
-from ia2ray.data.tasks import TaskSpec, get_task
+from ia2ray.data.splits import icl_demo_draws, load_pools, make_splits
+from ia2ray.data.tasks import get_task
 from ia2ray.data.testbed import HELD_OUT
 
 LABEL_TASKS = tuple(name for name, task in HELD_OUT.items() if task.family == "map")
@@ -44,13 +43,6 @@ class ReportSettings:
     batch_size: int = 64
 
 
-def task_pools(spec: TaskSpec) -> tuple[list[Example], list[Example]]:
-    """(train pool, eval pool) of a generated task, as ``prepare_data`` builds them."""
-    train = pools(load_examples(spec, None, "train", seed=0), spec.train_pool, seed=0)
-    eval_rows = pools(load_examples(spec, None, "eval", seed=0), spec.eval_pool, seed=0)
-    return train, eval_rows
-
-
 def copy_majority_acc(test: Sequence[Example], draws: Sequence[Sequence[Example]]) -> float:
     """Accuracy of answering every query with the most frequent label of its demos."""
     scores = []
@@ -66,7 +58,7 @@ def evaluate_task(model, tokenizer, name: str, settings: ReportSettings, device:
     is_label = spec.answer_type == "label"
     test_size, n_draws = (settings.test_size, settings.draws) if is_label else (settings.text_test_size, settings.text_draws)
     cfg = EvalConfig(batch_size=settings.batch_size)
-    train, eval_rows = task_pools(spec)
+    train, eval_rows = load_pools(spec, spec.train_pool, spec.eval_pool)  # as a run's prepare_data builds them
     zero = evaluate(model, tokenizer, spec, eval_rows[:test_size], cfg, device)
     out: dict[str, Any] = {"zero_shot": {"acc": zero["acc"], "ece": zero["ece"]}, "icl": {}}
     if is_label:
