@@ -3,7 +3,9 @@
     python -m ia2ray.run [--config FILE] [--set key=value ...] [--json PATH] [--print-config]
 
 FILE is a run config or a study file from search_spaces/ (searched parameters take their defaults).
-Without --config the embedded default runs: a tiny random Llama on the generated toy/polarity task.
+Without --config the default config runs (the built-in testbed model on testbed/map2).
+`--set train.num_workers=2` trains the stages as a Ray Train run with DeepSpeed ZeRO (stage from
+`train.zero_stage` / `train.deepspeed`); 0, the default, trains in this process.
 """
 
 from __future__ import annotations
@@ -97,9 +99,20 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    kwargs = {}
+    if cfg.train.num_workers >= 1:  # Ray Train + DeepSpeed; 0 keeps the single-process loop
+        from ia2ray.train.pipeline import check_train_config, train_with_ray
+
+        try:
+            check_train_config(cfg)
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        kwargs["train_stages"] = train_with_ray
     try:
         with Progress(*columns, console=console, transient=True) as progress:
-            outcome = run_pipeline(cfg, data=data, on_log=_stage_progress(progress, cfg, len(data.splits.train)))
+            on_log = _stage_progress(progress, cfg, len(data.splits.train))
+            outcome = run_pipeline(cfg, data=data, on_log=on_log, **kwargs)
     except ConfigError as exc:  # model-dependent checks (preflight), raised before any weights load
         print(f"error: {exc}", file=sys.stderr)
         return 2

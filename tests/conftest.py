@@ -36,3 +36,16 @@ def tiny_checkpoints(ia2ray_home):
         return built[arch]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(ia2ray_home):
+    """One local Ray cluster for the whole session (4 logical CPUs: room for 2 Train workers and the
+    Train controller); started on first use."""
+    import ray
+
+    from ia2ray.train.launch import RUNTIME_ENV
+
+    ray.init(num_cpus=4, log_to_driver=False, configure_logging=False, runtime_env=RUNTIME_ENV)
+    yield
+    ray.shutdown()

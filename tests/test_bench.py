@@ -23,3 +23,15 @@ def test_bench_core_quick_writes_its_report(tmp_path):
     assert {row["G"] for row in report["capture"]} == {8, 64}
     assert all(row["fast_s"] > 0 and row["reference_s"] > 0 for row in report["capture"])
     assert {"align_step_ms", "sft_step_ms", "align_layer0_step_ms", "align_over_sft"} <= set(report["steps"][0])
+
+
+def test_align_throughput_bench_runs_on_cpu(tmp_path):
+    """The GPU throughput/MFU benchmark, on a tiny shape on the CPU (a smoke run; no figures asserted)."""
+    out = tmp_path / "align.json"
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_align_throughput.py"), "--shape", "tiny",
+                          "--precision", "fp32", "--batch", "2", "--seq", "16", "--g", "2", "--steps", "2",
+                          "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["seq"] == 16 and report["tokens_per_s"] > 0 and report["mfu"] is None
+    assert report["model_flops_per_token"] > 4 * report["lora_params"]

@@ -119,6 +119,20 @@ def test_multiple_shards(tmp_path):
     assert_same(big.load("big"), records[:3])
 
 
+def test_load_subset_reads_only_the_shards_it_needs(tmp_path):
+    cache = ActivationCache(tmp_path, shard_bytes=400)  # 2 records per shard: [0,1] [2,3] [4]
+    records = make_records(lengths=(4, 4, 4, 4, 4))
+    cache.save("sub", records, {})
+    (tmp_path / "sub" / "shard-00001.safetensors").unlink()  # records 2 and 3 are gone
+    got = cache.load_subset("sub", [4, 0])
+    assert sorted(got) == [0, 4]
+    assert_same([got[0], got[4]], [records[0], records[4]])
+    with pytest.raises(CacheError, match=r"shard-00001\.safetensors"):
+        cache.load_subset("sub", [3])
+    with pytest.raises(CacheError, match=r"records \[7\] out of range"):
+        cache.load_subset("sub", [7])
+
+
 def _saved(tmp_path, key="entry"):
     cache = ActivationCache(tmp_path, shard_bytes=400)
     cache.save(key, make_records(lengths=(4, 4, 4)), {})

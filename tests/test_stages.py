@@ -88,13 +88,18 @@ def test_align_stage_lowers_the_loss_and_restores_the_best_adapter(llama):
 
 
 def test_early_stopping_counts_checks_without_improvement():
-    model = torch.nn.Linear(1, 1)
+    snaps = iter(range(100))
+
+    def snap():
+        return {"id": next(snaps)}
+
     stop = EarlyStopping(patience=2)
-    assert not stop.update(1.0, 0, model)
-    assert not stop.update(0.5, 2, model)
-    assert not stop.update(0.7, 4, model)
-    assert stop.update(0.5, 6, model)  # equal is not an improvement
+    assert not stop.update(1.0, 0, snap)
+    assert not stop.update(0.5, 2, snap)
+    assert not stop.update(0.7, 4, snap)
+    assert stop.update(0.5, 6, snap)  # equal is not an improvement
     assert (stop.best, stop.best_step) == (0.5, 2)
+    assert stop.best_state == {"id": 1}  # snapshot taken at each improvement only
 
 
 def test_stage_stops_early_when_dev_loss_stalls_and_keeps_the_best(llama):
@@ -164,3 +169,18 @@ def test_non_finite_dev_loss_is_an_error_not_a_crash(llama):
         settings = StageSettings(lr=1e-3, batch_size=1, max_epochs=1)
         with pytest.raises(NonFiniteLossError, match="dev loss is nan at step 0"):
             train_stage(peft, "align", items, bad, StageObjective("align"), settings, tok.pad_token_id, "cpu")
+
+
+def test_out_of_memory_names_the_batch(llama):
+    """A real allocator failure: a 300k-token query next to a short one makes the padded attention
+    mask alone 90 GB."""
+    from ia2ray.core.stages import StageOutOfMemoryError
+
+    model, tok = llama
+    dev = [TrainItem([5] * 10, [6]), TrainItem([5] * 12, [6])]
+    huge = [TrainItem([5] * 300_000, [6]), TrainItem([5] * 10, [6])]
+    with adapter(model, LoraConfig(rank=2)) as peft:
+        with pytest.raises(StageOutOfMemoryError, match=r"stage sft: out of memory at step 1 with a batch of 2 "
+                           r"\(train.batch_size=2\).*can't allocate memory"):
+            train_stage(peft, "sft", huge, dev, StageObjective(kind="sft"), StageSettings(lr=1e-3, batch_size=2),
+                        tok.pad_token_id, "cpu")

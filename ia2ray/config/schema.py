@@ -113,13 +113,59 @@ class LrConfig(Section):
     sft: float = Field(3e-3, gt=0, description="Adam learning rate of the sft stage (the paper uses the align rate).")
 
 
+DEEPSPEED_PRESETS = ("zero2", "zero3", "zero3-offload")
+
+
 class TrainConfig(Section):
     batch_size: int = Field(4, ge=1, description="Examples per optimiser step (paper: effective batch 4).")
     max_epochs: int = Field(50, ge=1, description="Upper bound on epochs per stage (paper: 50).")
     patience: int = Field(5, ge=1, description="Early stop after this many dev-loss checks without improvement.")
     eval_every: int = Field(2, ge=1, description="Optimiser steps between dev-loss checks (paper: 2).")
     seed: int = Field(0, description="Seed of LoRA init, data order and dropout.")
-    device: str = Field("auto", description="`auto` (cuda if available), `cpu`, `cuda`, `cuda:1`, ...")
+    device: str = Field("auto", description="`auto` (cuda if available), `cpu`, `cuda`, `cuda:1`, ... (in-process training).")
+    num_workers: int = Field(
+        0, ge=0, description="0: train in this process (no Ray; for debugging). 1 or more: Ray Train workers "
+        "running DeepSpeed ZeRO, the batch split across them.",
+    )
+    deepspeed: str = Field(
+        "zero2", description="DeepSpeed preset (`zero2`, `zero3`, `zero3-offload`) or a path to a DeepSpeed JSON "
+        "file; ia2ray fills in batch sizes and precision.",
+    )
+    zero_stage: Optional[int] = Field(None, ge=0, le=3, description="ZeRO stage 0-3 (default: the preset's).")
+    micro_batch_size: Optional[int] = Field(
+        None, ge=1, description="Examples per forward pass on one worker (default: the worker's whole share of "
+        "the batch); gradient accumulation makes up the rest.",
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="Precision of Ray Train workers: `auto` is bf16 on GPU and fp32 on CPU."
+    )
+    use_gpu: Optional[bool] = Field(None, description="One GPU per Train worker (default: when the Ray cluster has GPUs).")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per Train worker; torch uses that many threads.")
+    checkpoint_every: int = Field(
+        50, ge=0, description="Checkpoint every K optimiser steps (0: only at stage ends). Ray Train workers only."
+    )
+    storage: Optional[str] = Field(
+        None, description="Ray Train storage (local path or URI) for checkpoints (default: `<output.dir>/train`). "
+        "A run with the same `name` resumes from its last complete checkpoint.",
+    )
+    max_failures: int = Field(
+        0, ge=0, description="Worker-group restarts Ray Train may make per run; each resumes from the last checkpoint."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        problems = []
+        if self.micro_batch_size is not None and self.micro_batch_size > self.batch_size:
+            problems.append(f"train.micro_batch_size={self.micro_batch_size} exceeds train.batch_size={self.batch_size}")
+        if self.deepspeed not in DEEPSPEED_PRESETS and not self.deepspeed.endswith(".json"):
+            problems.append(f"train.deepspeed={self.deepspeed!r} is neither a preset ({', '.join(DEEPSPEED_PRESETS)}) "
+                            "nor a .json file")
+        if self.deepspeed == "zero3-offload" and self.zero_stage not in (None, 3):
+            problems.append(f"train.zero_stage={self.zero_stage} conflicts with train.deepspeed=zero3-offload "
+                            "(parameter offload needs ZeRO-3)")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 class CaptureConfig(Section):

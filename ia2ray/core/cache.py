@@ -136,6 +136,24 @@ class ActivationCache:
             raise CacheError(f"{entry / MANIFEST}: shards hold {len(records)} of {len(lengths)}")
         return records
 
+    def load_subset(self, key: str, indices: list[int]) -> dict[int, Generated]:
+        """Records at `indices` only, reading (and verifying) just the shards that hold them."""
+        manifest = self.read_manifest(key)
+        entry, lengths = self.path(key), manifest["lengths"]
+        wanted = set(indices)
+        bad = sorted(i for i in wanted if not 0 <= i < len(lengths))
+        if bad:
+            raise CacheError(f"{entry / MANIFEST}: records {bad[:5]} out of range (entry holds {len(lengths)})")
+        out: dict[int, Generated] = {}
+        start = 0
+        for shard in manifest["shards"]:
+            n = shard["num_records"]
+            if any(start <= i < start + n for i in wanted):
+                records = _read_shard(entry / shard["file"], shard, lengths[start:], manifest)
+                out.update({start + j: r for j, r in enumerate(records) if start + j in wanted})
+            start += n
+        return out
+
     def get_or_compute(
         self, key: str, compute: Callable[[], list[Generated]], meta: dict[str, Any]
     ) -> tuple[list[Generated], bool]:

@@ -100,12 +100,22 @@ def preflight(cfg: RunConfig, data: RunData) -> None:
         raise ConfigError(errors, f"the config (checked against {path})")
 
 
-def capture_teacher(cfg: RunConfig, model, tokenizer, data: RunData, progress: bool = True) -> list[Generated]:
+@dataclass
+class Teacher:
+    """Teacher records for the train then dev examples, and the cache entry that holds them."""
+
+    records: list[Generated]
+    cache_root: str
+    key: str
+
+
+def capture_teacher(cfg: RunConfig, model, tokenizer, data: RunData, progress: bool = True) -> Teacher:
     """Teacher tokens + activations (all layers) for train then dev examples, via the cache."""
     spec, splits = data.spec, data.splits
     prompts = training_prompts(spec, splits, cfg.data.seed) + dev_prompts(spec, splits, cfg.data.seed)
     budget = cfg.align.max_new_tokens or spec.max_new_tokens
-    cache = ActivationCache(Path(cfg.capture.cache_dir).expanduser() if cfg.capture.cache_dir else ia2ray_home() / "activations")
+    root = Path(cfg.capture.cache_dir).expanduser() if cfg.capture.cache_dir else ia2ray_home() / "activations"
+    cache = ActivationCache(root)
     parts = dict(
         # a hub checkpoint's config carries the commit it was loaded from: key on that, not a branch
         model=fingerprint_model(model_dir(cfg.model), getattr(model.config, "_commit_hash", None) or cfg.model.revision),
@@ -128,7 +138,7 @@ def capture_teacher(cfg: RunConfig, model, tokenizer, data: RunData, progress: b
 
     records, hit = cache.get_or_compute(key, compute, meta)
     log.info("teacher capture %s: key %s (%d prompts)", "cache hit" if hit else "computed", key, len(prompts))
-    return records
+    return Teacher(records, str(root.resolve()), key)
 
 
 def answer_ids(tokenizer, spec: TaskSpec, ex: Example) -> list[int]:
@@ -153,9 +163,60 @@ def stage_items(tokenizer, spec: TaskSpec, examples: list[Example], source: str,
     return items
 
 
+@dataclass
+class StageWork:
+    """One stage of a run, ready to train: items carry teacher activations when `source` is teacher
+    (train item i is teacher record i, dev item j is record len(train) + j)."""
+
+    name: str
+    source: str  # "gold" | "teacher"
+    objective: StageObjective
+    settings: StageSettings
+    train_items: list[TrainItem]
+    dev_items: list[TrainItem]
+
+
+# (cfg, model, tokenizer, stages, teacher, on_log) -> (peft model holding the final adapter,
+# [(StageResult summary, history)] per stage)
+StageTrainer = Callable[..., tuple[object, list[tuple[dict, list[dict]]]]]
+
+
+def train_in_process(cfg: RunConfig, model, tokenizer, stages: list[StageWork], teacher: Optional[Teacher],
+                     on_log=None):
+    """The single-process stage trainer (no Ray, no DeepSpeed): one adapter, one Adam per stage."""
+    device = resolve_device(cfg.train.device)
+    model = add_lora(model, cfg.lora, seed=cfg.train.seed)
+    results = []
+    for work in stages:
+        result = train_stage(model, work.name, work.train_items, work.dev_items, work.objective, work.settings,
+                             tokenizer.pad_token_id, device, on_log)
+        results.append((result.summary(), result.history))
+    return model, results
+
+
+def stage_work(cfg: RunConfig, tokenizer, data: RunData, layers: list[int], teacher: Optional[Teacher]) -> list[StageWork]:
+    """The pipeline's stages with their objectives, settings and items."""
+    n_train = len(data.splits.train)
+    records = teacher.records if teacher else None
+    out = []
+    for name, kind, source, lr_key in PIPELINE_STAGES[cfg.pipeline]:
+        objective = StageObjective(kind=kind, site=cfg.align.site, layers=tuple(layers),
+                                   align_loss=cfg.loss.align, ce_weight=cfg.loss.ce_weight,
+                                   layer_weights=tuple(cfg.align.layer_weights) if cfg.align.layer_weights else None)
+        settings = StageSettings(lr=getattr(cfg.lr, lr_key), batch_size=cfg.train.batch_size,
+                                 max_epochs=cfg.train.max_epochs, patience=cfg.train.patience,
+                                 eval_every=cfg.train.eval_every, seed=cfg.train.seed)
+        train_items = stage_items(tokenizer, data.spec, data.splits.train, source, records[:n_train] if records else None)
+        dev_items = stage_items(tokenizer, data.spec, data.splits.dev, source, records[n_train:] if records else None)
+        out.append(StageWork(name, source, objective, settings, train_items, dev_items))
+    return out
+
+
 def run_pipeline(cfg: RunConfig, *, data: Optional[RunData] = None, progress: bool = True,
-                 on_log: Optional[Callable[[str, dict], None]] = None) -> RunOutcome:
-    """Run `cfg` end to end; returns the summary (val/test metrics, ICL baseline, stage histories)."""
+                 on_log: Optional[Callable[[str, dict], None]] = None,
+                 train_stages: StageTrainer = train_in_process) -> RunOutcome:
+    """Run `cfg` end to end; returns the summary (val/test metrics, ICL baseline, stage histories).
+    `train_stages` trains the adapter (in this process by default; `ia2ray.train` has the Ray Train one)."""
     data = data or prepare_data(cfg)
     preflight(cfg, data)
     spec, splits = data.spec, data.splits
@@ -169,29 +230,14 @@ def run_pipeline(cfg: RunConfig, *, data: Optional[RunData] = None, progress: bo
         summary["icl"] = {split: icl_baseline(model, tokenizer, spec, getattr(splits, split), data.icl_draws,
                                               cfg.eval, device) for split in ("val", "test")}
 
-    stages = PIPELINE_STAGES[cfg.pipeline]
     teacher = None
-    if any(src == "teacher" for _, _, src, _ in stages):
+    if any(src == "teacher" for _, _, src, _ in PIPELINE_STAGES[cfg.pipeline]):
         teacher = capture_teacher(cfg, model, tokenizer, data, progress)
-    n_train = len(splits.train)
-    train_teacher = teacher[:n_train] if teacher else None
-    dev_teacher = teacher[n_train:] if teacher else None
-
-    model = add_lora(model, cfg.lora, seed=cfg.train.seed)
-    summary["stages"], history = [], []
-    for name, kind, source, lr_key in stages:
-        objective = StageObjective(kind=kind, site=cfg.align.site, layers=tuple(layers),
-                                   align_loss=cfg.loss.align, ce_weight=cfg.loss.ce_weight,
-                                   layer_weights=tuple(cfg.align.layer_weights) if cfg.align.layer_weights else None)
-        train_items = stage_items(tokenizer, spec, splits.train, source, train_teacher)
-        dev_items = stage_items(tokenizer, spec, splits.dev, source, dev_teacher)
-        settings = StageSettings(lr=getattr(cfg.lr, lr_key), batch_size=cfg.train.batch_size,
-                                 max_epochs=cfg.train.max_epochs, patience=cfg.train.patience,
-                                 eval_every=cfg.train.eval_every, seed=cfg.train.seed)
-        result = train_stage(model, name, train_items, dev_items, objective, settings,
-                             tokenizer.pad_token_id, device, on_log)
-        summary["stages"].append(result.summary())
-        history += [{"stage": name, **h} for h in result.history]
+    stages = stage_work(cfg, tokenizer, data, layers, teacher)
+    model, results = train_stages(cfg, model, tokenizer, stages, teacher, on_log)
+    summary["stages"] = [r for r, _ in results]
+    history = [{"stage": r["name"], **h} for r, hist in results for h in hist]
+    model.eval()
     for split in ("val", "test"):
         summary[split] = evaluate(model, tokenizer, spec, getattr(splits, split), cfg.eval, device)
     return RunOutcome(summary, model, tokenizer, history)

@@ -23,6 +23,26 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite."""
 
 
+class StageOutOfMemoryError(RuntimeError):
+    """A training step ran out of (GPU or host) memory; the message names the batch geometry."""
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA OOM, or the CPU allocator failing to find memory."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        m in text for m in ("out of memory", "not enough memory", "can't allocate memory", "Cannot allocate memory"))
+
+
+def out_of_memory(stage: str, step: int, batch: str, exc: BaseException) -> StageOutOfMemoryError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return StageOutOfMemoryError(
+        f"{stage}: out of memory at step {step} with {batch}; lower train.micro_batch_size (or "
+        f"train.batch_size), or shard more with train.deepspeed=zero3 / zero3-offload ({first})")
+
+
 @dataclass
 class StageSettings:
     lr: float
@@ -57,11 +77,12 @@ class EarlyStopping:
     bad_checks: int = 0
     best_state: Optional[dict] = None
 
-    def update(self, loss: float, step: int, model) -> bool:
-        """Record a dev-loss check; True when `patience` checks in a row did not improve."""
+    def update(self, loss: float, step: int, snapshot: Callable[[], dict]) -> bool:
+        """Record a dev-loss check (`snapshot()` copies the adapter); True when `patience` checks in a
+        row did not improve."""
         if loss < self.best:
             self.best, self.best_step, self.bad_checks = loss, step, 0
-            self.best_state = trainable_state(model)
+            self.best_state = snapshot()
         else:
             self.bad_checks += 1
         return self.bad_checks >= self.patience
@@ -120,7 +141,7 @@ def train_stage(
             raise NonFiniteLossError(f"stage {name}: dev loss is {loss} at step {step}")
         result.history.append({"step": step, "dev_loss": loss})
         log(name, {"step": step, "dev_loss": loss})
-        return stopper.update(loss, step, model)
+        return stopper.update(loss, step, lambda: trainable_state(model))
 
     check(0)
     model.train()
@@ -131,12 +152,18 @@ def train_stage(
         chunks = list(batches(train_items, settings.batch_size, order))
         for i, chunk in enumerate(chunks):
             batch = collate(chunk, pad_id, _layers(objective)).to(device)
-            loss = stage_loss(model, batch, objective)
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(f"stage {name}: loss is {loss.item()} at step {step + 1}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            try:
+                loss = stage_loss(model, batch, objective)
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(f"stage {name}: loss is {loss.item()} at step {step + 1}")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            except RuntimeError as exc:
+                if is_out_of_memory(exc):
+                    raise out_of_memory(f"stage {name}", step + 1, f"a batch of {len(chunk)} (train.batch_size="
+                                        f"{settings.batch_size})", exc) from exc
+                raise
             step += 1
             result.history.append({"step": step, "train_loss": loss.item()})
             log(name, {"step": step, "train_loss": loss.item()})

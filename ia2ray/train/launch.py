@@ -1,0 +1,133 @@
+"""Launch the stages of a pipeline as one Ray Train run (`TorchTrainer`, gloo on CPU, NCCL on GPU).
+
+One `fit()` runs all stages of a trial: `bench/bench_train.py` measured a second fit (new worker
+group, imports, process group) costing several seconds per stage for nothing, while the worker loop
+builds a fresh model and engine per stage and destroys the old engine, so nothing carries over
+between stages except the adapter. The run is named by the caller (deterministically, no
+timestamps): a run restarted with the same name and storage resumes from its last complete
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from ia2ray.core.stages import NonFiniteLossError, StageOutOfMemoryError
+from ia2ray.train import checkpoint as ckpt
+from ia2ray.train.worker import TrainJob, train_loop_per_worker
+
+log = logging.getLogger(__name__)
+
+RAISED_AS_IS = (NonFiniteLossError, StageOutOfMemoryError, ckpt.CheckpointError)
+
+
+class StageRunError(RuntimeError):
+    """A distributed stage run failed; the message carries the workers' errors."""
+
+
+@dataclass
+class FitOutcome:
+    adapter: dict  # best adapter of the last stage (full fp32, by parameter name)
+    finished: list[dict]  # per stage: {"result": StageResult summary, "history": [...], "timings": {...}}
+    checkpoint_dir: str  # final checkpoint (holds adapter/ as a peft directory)
+    timings: dict  # seconds: "fit" (wall of trainer.fit)
+
+
+# Job-wide environment for Ray's processes: the Train controller polls its workers every 0.5 s instead
+# of 2 s, so a finished run is noticed sooner (bench/bench_train.py: about 5 s less per fit()).
+RUNTIME_ENV = {"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}}
+
+
+def ensure_ray(num_cpus: Optional[float] = None) -> None:
+    """Connect to the cluster in RAY_ADDRESS, or start a local one (num_cpus: its logical CPUs)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True, runtime_env=RUNTIME_ENV)
+    else:
+        ray.init(num_cpus=num_cpus, log_to_driver=True, runtime_env=RUNTIME_ENV)
+
+
+def resume_candidate(storage: str, name: str) -> Optional[str]:
+    """The furthest complete checkpoint of run `name` on local storage, registered by Ray or not.
+
+    A worker dying right after uploading a checkpoint can leave it on disk but missing from Ray's run
+    snapshot; the workers resume from the later of this and Ray's latest registered checkpoint. (On
+    remote storage only Ray's registered checkpoints are used.)"""
+    if "://" in storage:
+        return None
+    found = ckpt.latest_complete(Path(storage) / name)
+    if found is not None:
+        log.info("run %s: latest complete checkpoint on disk is %s", name, found.name)
+    return str(found) if found else None
+
+
+def fit(job: TrainJob, name: str, storage: str, use_gpu: Optional[bool] = None) -> FitOutcome:
+    """Run `job`'s stages on `job.train.num_workers` Ray Train workers; resume if `name` has checkpoints."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    ensure_ray()
+    if use_gpu is None:
+        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    storage = storage if "://" in storage else str(Path(storage).expanduser().resolve())
+    resume_from = resume_candidate(storage, name)
+    if resume_from is not None:
+        state = ckpt.read_state(Path(resume_from), job.fingerprint)
+        if state["done"]:  # a finished run: its final checkpoint is the result, no workers needed
+            log.info("run %s already finished; using %s", name, resume_from)
+            return FitOutcome(state["adapter"], state["finished"], resume_from, {"fit": 0.0})
+    cfg = job.train
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": job, "use_gpu": use_gpu, "resume_from": resume_from, "launched": time.time()},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
+                                               resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    start = time.perf_counter()
+    try:
+        result = trainer.fit()
+    except (ray.train.TrainingFailedError, ray.exceptions.RayError) as exc:
+        raise _worker_error(exc, name) from None
+    elapsed = time.perf_counter() - start
+    if result.checkpoint is None:
+        raise StageRunError(f"Ray Train run {name} ended without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        state = ckpt.read_state(Path(d), job.fingerprint)
+    if not state["done"]:
+        raise StageRunError(f"Ray Train run {name} ended before its last stage finished ({result.checkpoint.path})")
+    return FitOutcome(state["adapter"], state["finished"], result.checkpoint.path, {"fit": elapsed})
+
+
+def _worker_error(exc: Exception, name: str) -> Exception:
+    """Our own worker errors (NaN loss, OOM, checkpoint problems) come back as themselves."""
+    failures = getattr(exc, "worker_failures", None) or {}
+    for rank, err in sorted(failures.items()):
+        chain = [err, getattr(err, "cause", None), err.__cause__]
+        for e in chain:
+            if isinstance(e, RAISED_AS_IS):
+                return type(e)(f"{e} (Ray Train run {name}, worker rank {rank})")
+    messages = "\n".join(f"rank {r}: {type(e).__name__}: {e}" for r, e in sorted(failures.items()))
+    if not messages:  # e.g. the Train controller died: keep the line that names the cause
+        causes = [line.strip() for line in str(exc).splitlines() if re.match(r"\s*[\w.]+(Error|Exception): ", line)]
+        messages = causes[-1] if causes else str(exc)
+    for cls in RAISED_AS_IS:  # errors that crossed process boundaries only as text
+        if cls.__name__ in messages:
+            return cls(f"Ray Train run {name} failed:\n{messages}")
+    return StageRunError(f"Ray Train run {name} failed:\n{messages}")

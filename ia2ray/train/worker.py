@@ -1,0 +1,353 @@
+"""The per-worker loop of a Ray Train run: the stages of one pipeline, each on a DeepSpeed engine.
+
+Every rank runs this function. For each stage it builds the model, puts the stage's starting adapter
+in it, wraps it in a DeepSpeed engine with a fresh torch Adam (ZeRO stage from the config) and trains
+like the single-process loop of `ia2ray.core.stages`: the same global batches in the same order, dev
+loss every `eval_every` steps and at epoch ends, early stopping, and the best adapter carried to the
+next stage. Each global batch is split across ranks in a world-size-independent way (rank r takes
+slots r, r+W, ...), and each rank's loss is weighted so the summed gradient equals the gradient of
+the mean loss over the real examples of the batch: 1 worker and W workers take the same steps.
+
+Checkpoints (every `checkpoint_every` steps and at each stage end) hold the consolidated state, so a
+run resumes at any worker count (see `ia2ray.train.checkpoint`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ia2ray.config.schema import LoraConfig, ModelConfig, TrainConfig
+from ia2ray.core.batches import TrainItem, collate
+from ia2ray.core.cache import ActivationCache
+from ia2ray.core.model import add_lora, load_model, load_trainable_state
+from ia2ray.core.objective import StageObjective, stage_loss
+from ia2ray.core.stages import (
+    EarlyStopping,
+    NonFiniteLossError,
+    StageResult,
+    StageSettings,
+    batches,
+    is_out_of_memory,
+    out_of_memory,
+)
+from ia2ray.train import checkpoint as ckpt
+from ia2ray.train.dsconfig import batch_geometry, deepspeed_config, zero_stage
+
+log = logging.getLogger(__name__)
+
+
+
+@dataclass(frozen=True)
+class ItemRef:
+    """A training item without its activations: `record` indexes the teacher cache entry."""
+
+    query_ids: list[int]
+    target_ids: list[int]
+    record: Optional[int] = None
+
+
+@dataclass
+class StageSpec:
+    name: str
+    objective: StageObjective
+    settings: StageSettings
+    train: list[ItemRef]
+    dev: list[ItemRef]
+
+
+@dataclass
+class TrainJob:
+    """Everything a worker needs; pickled into each worker by Ray."""
+
+    model: ModelConfig  # `path` resolved to a local directory or hub id
+    lora: LoraConfig
+    lora_seed: int
+    train: TrainConfig
+    stages: list[StageSpec]
+    pad_id: int
+    fingerprint: str
+    teacher_cache: Optional[tuple[str, str]] = None  # (cache root, entry key)
+    init_adapter: Optional[dict] = None  # adapter the first stage starts from (default: fresh LoRA)
+    stage_offset: int = 0  # index of stages[0] in the whole pipeline (names checkpoints)
+    crash_after: Optional[tuple[str, int]] = None  # test fault injection: (stage, step) after whose checkpoint workers exit
+
+
+@dataclass
+class Position:
+    """Where a stage stands: `step` optimiser steps done; next batch `batch` of epoch `epoch`."""
+
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+
+
+@dataclass
+class WorkerContext:
+    rank: int
+    world: int
+    device: torch.device
+    on_gpu: bool
+    resumed_rng: Optional[dict] = None
+    launched: Optional[float] = None  # wall clock (time.time) when the driver called fit()
+    started: float = 0.0  # wall clock when this worker's loop began
+    finished: list[dict] = field(default_factory=list)  # {"result": StageResult summary, "history": [...]}
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+
+    started = time.time()
+    job: TrainJob = config["job"]
+    ctx = ray.train.get_context()
+    on_gpu = torch.cuda.is_available() and bool(config.get("use_gpu"))
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    torch.set_num_threads(max(1, int(job.train.cpus_per_worker)))
+    wc = WorkerContext(ctx.get_world_rank(), ctx.get_world_size(), device, on_gpu,
+                       launched=config.get("launched"), started=started)
+    logging.basicConfig(level=logging.INFO if wc.rank == 0 else logging.WARNING)
+
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")  # reuses Ray's process group
+    resume = _resume_state(ray.train.get_checkpoint(), config.get("resume_from"), job, wc)
+    teacher = _load_teacher(job, wc)
+    start_index = resume["stage_index"] if resume else 0
+    adapter = resume["adapter"] if resume else job.init_adapter
+    wc.finished = list(resume["finished"]) if resume else []
+    for index in range(start_index, len(job.stages)):
+        mid_stage = resume if resume and resume["stage_index"] == index and resume["position"] else None
+        adapter = run_stage(job, index, teacher, adapter, mid_stage, wc)
+        resume = None
+
+
+def run_stage(job: TrainJob, index: int, teacher: dict, adapter: Optional[dict], resume: Optional[dict],
+              wc: WorkerContext) -> dict:
+    """Train one stage from `adapter` (or from the `resume` state); returns its best adapter."""
+    import deepspeed
+
+    from ia2ray.train.state import (
+        adapter_state,
+        load_optimizer_state,
+        optimizer_state,
+        optimizer_step,
+    )
+
+    spec = job.stages[index]
+    s, name = spec.settings, spec.name
+    geo = batch_geometry(s.batch_size, wc.world, job.train.micro_batch_size)
+    objective = spec.objective
+    if zero_stage(job.train) == 3 and objective.stop_early:
+        # ZeRO-3 gathers each layer's weights in forward hooks; an aborted forward would leave them gathered
+        objective = StageObjective(**{**objective.__dict__, "stop_early": False})
+
+    clock = {"start": time.perf_counter(), "rss_start": _rss_mb()}
+    model, _ = load_model(job.model, "cpu")
+    model = add_lora(model, job.lora, seed=job.lora_seed)
+    start = resume["adapter"] if resume else adapter
+    if start is not None:
+        load_trainable_state(model, start)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=s.lr, weight_decay=0.0)
+    ds_cfg = deepspeed_config(job.train, wc.world, wc.on_gpu)
+    clock["model_loaded"] = time.perf_counter()
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg, dist_init_required=False)
+    del model, optimizer
+    clock["engine_ready"] = time.perf_counter()
+
+    result, pos, stopper = StageResult(name), Position(), EarlyStopping(s.patience)
+    if resume:
+        load_optimizer_state(engine, resume["moments"], resume["adam_step"])
+        pos = Position(**resume["position"])
+        result = StageResult(**resume["result"])
+        stopper = EarlyStopping(s.patience, **resume["stopper"])
+        if wc.resumed_rng is not None:
+            ckpt.set_rng_state(wc.resumed_rng)
+    train_items = [_item(r, teacher) for r in spec.train]
+    dev_shard = [_item(r, teacher) for r in spec.dev[wc.rank :: wc.world]]
+    dev_batches = math.ceil(math.ceil(len(spec.dev) / wc.world) / s.batch_size)  # same count on every rank
+
+    def check(step: int) -> bool:
+        loss = _dev_loss(engine, dev_shard, dev_batches, s.batch_size, objective, job.pad_id, wc, train_items[0])
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(f"stage {name}: dev loss is {loss} at step {step}")
+        result.history.append({"step": step, "dev_loss": loss})
+        return stopper.update(loss, step, lambda: adapter_state(engine))
+
+    def save(final: bool, stage_done: bool, metrics: dict) -> None:
+        moments = {} if stage_done else optimizer_state(engine)
+        state = {
+            "format": ckpt.FORMAT, "fingerprint": job.fingerprint, "world_size": wc.world,
+            "stage_index": index + 1 if stage_done else index,
+            "position": None if stage_done else pos.__dict__.copy(),
+            "adapter": stopper.best_state if stage_done else adapter_state(engine),
+            "moments": moments, "adam_step": 0 if stage_done else optimizer_step(engine),
+            "stopper": None if stage_done else {k: getattr(stopper, k) for k in ("best", "best_step", "bad_checks", "best_state")},
+            "result": None if stage_done else result.__dict__.copy(),
+            "finished": wc.finished, "done": final,
+        }
+        _report(state, metrics, final, wc, job, engine if final else None,
+                ckpt.checkpoint_name(job.stage_offset + index, name, None if stage_done else pos.step))
+        if job.crash_after == (name, pos.step) and not stage_done:
+            log.warning("fault injection: worker exits after the checkpoint of step %d", pos.step)
+            os._exit(1)
+
+    if not resume:
+        check(0)
+    engine.train()
+    gen = torch.Generator().manual_seed(s.seed)
+    for epoch in range(s.max_epochs):
+        order = torch.randperm(len(train_items), generator=gen)  # drawn every epoch: a resume replays them
+        if epoch < pos.epoch or result.stopped_early:
+            continue
+        result.epochs = epoch + 1
+        chunks = list(batches(train_items, s.batch_size, order))
+        for i in range(pos.batch if epoch == pos.epoch else 0, len(chunks)):
+            loss = _train_step(engine, chunks[i], geo, objective, job.pad_id, wc, f"stage {name}", pos.step + 1,
+                               s.batch_size)
+            pos = Position(epoch, i + 1, pos.step + 1)
+            result.history.append({"step": pos.step, "train_loss": loss})
+            metrics = {"stage": name, "step": pos.step, "train_loss": loss}
+            if (pos.step % s.eval_every == 0 or i == len(chunks) - 1) and check(pos.step):
+                result.stopped_early = True
+                break
+            if job.train.checkpoint_every and pos.step % job.train.checkpoint_every == 0:
+                save(False, False, {**metrics, "dev_loss": stopper.best})
+        pos = Position(epoch + 1, 0, pos.step)
+    result.steps = pos.step
+    result.best_step, result.best_dev_loss = stopper.best_step, stopper.best
+    clock["trained"] = time.perf_counter()
+    timings = {"load_model_s": clock["model_loaded"] - clock["start"],
+               "deepspeed_init_s": clock["engine_ready"] - clock["model_loaded"],
+               "train_s": clock["trained"] - clock["engine_ready"], "rss_start_mb": clock["rss_start"],
+               "rss_end_mb": _rss_mb(), "worker_start_s": wc.started - wc.launched if wc.launched else None}
+    wc.finished.append({"result": result.summary(), "history": result.history, "timings": timings})
+    best = stopper.best_state
+    final = index == len(job.stages) - 1
+    save(final, True, {"stage": name, "step": pos.step, "best_dev_loss": stopper.best})
+    engine.destroy()  # frees DeepSpeed's buffers and hooks; the next stage builds its own engine
+    if wc.on_gpu:
+        torch.cuda.empty_cache()
+    return best
+
+
+def _rss_mb() -> float:
+    """Resident memory of this process (a stage that leaked would raise the next stage's start)."""
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _item(ref: ItemRef, teacher: dict) -> TrainItem:
+    acts = teacher[ref.record].activations if ref.record is not None else None
+    return TrainItem(ref.query_ids, ref.target_ids, acts)
+
+
+def _train_step(engine, chunk: list[TrainItem], geo, objective, pad_id: int, wc: WorkerContext,
+                stage: str, step: int, batch_size: int) -> float:
+    """One optimiser step on this rank's slots of the global batch; returns the batch's mean loss."""
+    import torch.distributed as dist
+
+    mine = chunk[wc.rank :: wc.world]
+    scale = wc.world * geo.accumulation / len(chunk)  # DeepSpeed divides by accumulation and world size
+    total = torch.zeros(1, dtype=torch.float64)
+    for m in range(geo.accumulation):
+        micro = mine[m * geo.micro : (m + 1) * geo.micro]
+        real = len(micro)
+        micro = micro or chunk[:1]  # an empty slot still runs (weight 0): ZeRO needs every rank's gradients
+        batch = collate(micro, pad_id, _layers(objective)).to(wc.device)
+        try:
+            loss = stage_loss(engine.module, batch, objective)
+            if real and not torch.isfinite(loss):
+                raise NonFiniteLossError(f"{stage}: loss is {loss.item()} at step {step}")
+            engine.backward(loss * (real * scale))
+            engine.step()
+        except RuntimeError as exc:
+            if is_out_of_memory(exc):
+                raise out_of_memory(stage, step, f"a micro-batch of {geo.micro} on each of {wc.world} worker(s) "
+                                    f"({geo.accumulation} accumulation steps; train.batch_size={batch_size})", exc) from exc
+            raise
+        total += loss.detach().double().cpu() * real
+    dist.all_reduce(total)
+    return float(total) / len(chunk)
+
+
+@torch.no_grad()
+def _dev_loss(engine, shard: list[TrainItem], n_batches: int, batch_size: int, objective, pad_id: int,
+              wc: WorkerContext, pad_item: TrainItem) -> float:
+    """Mean loss over the whole dev set; every rank runs `n_batches` forwards on its shard (a rank
+    that has run out runs `pad_item` and ignores it: ZeRO-3 needs every rank in every forward)."""
+    import torch.distributed as dist
+
+    engine.eval()
+    sums = torch.zeros(2, dtype=torch.float64)
+    for b in range(n_batches):
+        chunk = shard[b * batch_size : (b + 1) * batch_size]
+        batch = collate(chunk or [pad_item], pad_id, _layers(objective)).to(wc.device)
+        loss = stage_loss(engine.module, batch, objective)
+        if chunk:
+            sums += torch.tensor([loss.item() * len(chunk), len(chunk)], dtype=torch.float64)
+    dist.all_reduce(sums)
+    engine.train()
+    return float(sums[0] / sums[1]) if sums[1] else math.nan
+
+
+def _layers(objective: StageObjective):
+    return list(objective.layers) if objective.layers is not None else None
+
+
+def _load_teacher(job: TrainJob, wc: WorkerContext) -> dict:
+    """The teacher records this rank uses: all train items (each global batch is split over ranks)
+    and its own shard of the dev items."""
+    if job.teacher_cache is None:
+        return {}
+    wanted = set()
+    for spec in job.stages:
+        wanted |= {r.record for r in spec.train if r.record is not None}
+        wanted |= {r.record for r in spec.dev[wc.rank :: wc.world] if r.record is not None}
+    root, key = job.teacher_cache
+    return ActivationCache(root).load_subset(key, sorted(wanted)) if wanted else {}
+
+
+def _resume_state(checkpoint, resume_from: Optional[str], job: TrainJob, wc: WorkerContext) -> Optional[dict]:
+    """State to resume from: the further of Ray's latest registered checkpoint and the driver's
+    `resume_from` (a complete checkpoint Ray did not get to register). A registered checkpoint that
+    is incomplete or from another configuration raises CheckpointError."""
+    if checkpoint is not None and resume_from is not None:
+        ray_progress = ckpt.progress(Path(checkpoint.path).name) or (-1, -1)
+        if (ckpt.progress(Path(resume_from).name) or (-1, -1)) <= ray_progress:
+            resume_from = None
+    if checkpoint is None and resume_from is None:
+        return None
+    source = resume_from or checkpoint.path
+    with (nullcontext(resume_from) if resume_from else checkpoint.as_directory()) as d:
+        state = ckpt.read_state(Path(d), job.fingerprint)
+        if state["world_size"] == wc.world:
+            wc.resumed_rng = ckpt.read_rank_part(Path(d), wc.rank)
+    if wc.rank == 0:
+        log.info("resuming from %s: stage %d, position %s (written by %d workers, now %d)", source,
+                 state["stage_index"], state["position"], state["world_size"], wc.world)
+    return state
+
+
+def _report(state: dict, metrics: dict, final: bool, wc: WorkerContext, job: TrainJob, engine, dir_name: str) -> None:
+    """All ranks: write their part of a checkpoint and report it (a barrier in Ray Train)."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        ckpt.write_rank_part(d, wc.rank)
+        if wc.rank == 0:
+            if final:
+                engine.module.save_pretrained(d / "adapter", state_dict=state["adapter"])
+            ckpt.write_state(d, state, wc.world)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=dir_name)
