@@ -143,6 +143,12 @@ def test_resume_equals_uninterrupted(ray_cluster, setup):
     _assert_same_adapter(whole.adapter, resumed.adapter)
     assert _strip(resumed.finished) == _strip(whole.finished)  # same histories: no step repeated or lost
 
+    # with train.max_failures=1, Ray Train restarts the worker group inside the same fit(): it resumes too
+    _, retrying = make(*overrides, "train.max_failures=1")[:2]
+    restarted = fit(replace(retrying, crash_after=("sft", 4)), "restarted", str(storage))
+    _assert_same_adapter(whole.adapter, restarted.adapter)
+    assert _strip(restarted.finished) == _strip(whole.finished)
+
     # interrupted with 2 workers in the sft stage, resumed with 1
     _, job2 = make("train.num_workers=2", "train.checkpoint_every=2")[:2]
     with pytest.raises(StageRunError):

@@ -56,18 +56,10 @@ def ensure_ray(num_cpus: Optional[float] = None) -> None:
         ray.init(num_cpus=num_cpus, log_to_driver=True, runtime_env=RUNTIME_ENV)
 
 
-def resume_candidate(storage: str, name: str) -> Optional[str]:
-    """The furthest complete checkpoint of run `name` on local storage, registered by Ray or not.
-
-    A worker dying right after uploading a checkpoint can leave it on disk but missing from Ray's run
-    snapshot; the workers resume from the later of this and Ray's latest registered checkpoint. (On
-    remote storage only Ray's registered checkpoints are used.)"""
-    if "://" in storage:
-        return None
-    found = ckpt.latest_complete(Path(storage) / name)
-    if found is not None:
-        log.info("run %s: latest complete checkpoint on disk is %s", name, found.name)
-    return str(found) if found else None
+def local_run_dir(storage: str, name: str) -> Optional[str]:
+    """The run folder when storage is a local path (workers scan it for checkpoints Ray did not
+    register); None for remote storage, where only Ray's registered checkpoints are used."""
+    return None if "://" in storage else str(Path(storage) / name)
 
 
 def fit(job: TrainJob, name: str, storage: str, use_gpu: Optional[bool] = None) -> FitOutcome:
@@ -80,17 +72,18 @@ def fit(job: TrainJob, name: str, storage: str, use_gpu: Optional[bool] = None) 
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     storage = storage if "://" in storage else str(Path(storage).expanduser().resolve())
-    resume_from = resume_candidate(storage, name)
-    if resume_from is not None:
-        state = ckpt.read_state(Path(resume_from), job.fingerprint)
+    run_dir = local_run_dir(storage, name)
+    latest = ckpt.latest_complete(Path(run_dir)) if run_dir else None
+    if latest is not None:
+        state = ckpt.read_state(latest, job.fingerprint)
         if state["done"]:  # a finished run: its final checkpoint is the result, no workers needed
-            log.info("run %s already finished; using %s", name, resume_from)
-            return FitOutcome(state["adapter"], state["finished"], resume_from, {"fit": 0.0})
+            log.info("run %s already finished; using %s", name, latest)
+            return FitOutcome(state["adapter"], state["finished"], str(latest), {"fit": 0.0})
     cfg = job.train
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": job, "use_gpu": use_gpu, "resume_from": resume_from, "launched": time.time()},
+        train_loop_config={"job": job, "use_gpu": use_gpu, "run_dir": run_dir, "launched": time.time()},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
                                                resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),

@@ -119,7 +119,8 @@ def train_loop_per_worker(config: dict) -> None:
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")  # reuses Ray's process group
-    resume = _resume_state(ray.train.get_checkpoint(), config.get("resume_from"), job, wc)
+    on_disk = ckpt.latest_complete(Path(config["run_dir"])) if config.get("run_dir") else None
+    resume = _resume_state(ray.train.get_checkpoint(), str(on_disk) if on_disk else None, job, wc)
     teacher = _load_teacher(job, wc)
     start_index = resume["stage_index"] if resume else 0
     adapter = resume["adapter"] if resume else job.init_adapter
@@ -147,7 +148,9 @@ def run_stage(job: TrainJob, index: int, teacher: dict, adapter: Optional[dict],
     geo = batch_geometry(s.batch_size, wc.world, job.train.micro_batch_size)
     objective = spec.objective
     if zero_stage(job.train) == 3 and objective.stop_early:
-        # ZeRO-3 gathers each layer's weights in forward hooks; an aborted forward would leave them gathered
+        # ZeRO-3 gathers each layer's weights in forward hooks and frees them in post-forward hooks; an
+        # aborted forward skips those. On CPU the results were the same with stopping on (1 and 2
+        # workers), but what it does to GPU memory is unmeasured: run the full forward.
         objective = StageObjective(**{**objective.__dict__, "stop_early": False})
 
     clock = {"start": time.perf_counter(), "rss_start": _rss_mb()}
@@ -319,9 +322,11 @@ def _load_teacher(job: TrainJob, wc: WorkerContext) -> dict:
 
 
 def _resume_state(checkpoint, resume_from: Optional[str], job: TrainJob, wc: WorkerContext) -> Optional[dict]:
-    """State to resume from: the further of Ray's latest registered checkpoint and the driver's
-    `resume_from` (a complete checkpoint Ray did not get to register). A registered checkpoint that
-    is incomplete or from another configuration raises CheckpointError."""
+    """State to resume from: the further of Ray's latest registered checkpoint and `resume_from`, the
+    furthest complete checkpoint in the run folder (Ray may not have registered it: a worker that
+    dies between upload and registration leaves it unknown to Ray). A registered checkpoint that is
+    incomplete or from another configuration raises CheckpointError. Run at every (re)start of the
+    worker group, so a restart within one fit() (train.max_failures) resumes the same way."""
     if checkpoint is not None and resume_from is not None:
         ray_progress = ckpt.progress(Path(checkpoint.path).name) or (-1, -1)
         if (ckpt.progress(Path(resume_from).name) or (-1, -1)) <= ray_progress:
