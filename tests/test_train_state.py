@@ -1,5 +1,5 @@
 """Consolidated training state of DeepSpeed engines (one process, gloo world of 1): for every ZeRO
-stage, gathering the adapter and Adam state and loading them into a fresh engine continues training
+stage and the CPU-offload preset, gathering the adapter and Adam state and loading them into a fresh engine continues training
 exactly as the original engine does."""
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def process_group():
         dist.destroy_process_group()
 
 
-def _engine(path, stage: int, adapter=None):
+def _engine(path, stage, adapter=None):
     import deepspeed
 
     from ia2ray.train.dsconfig import deepspeed_config
@@ -40,8 +40,10 @@ def _engine(path, stage: int, adapter=None):
     if adapter is not None:
         load_trainable_state(model, adapter)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    cfg = deepspeed_config(TrainConfig(batch_size=2, zero_stage=stage), world_size=1, on_gpu=False)
-    if stage == 3:
+    preset = {"deepspeed": stage} if isinstance(stage, str) else {"zero_stage": stage}  # a stage or a preset name
+    train = TrainConfig(batch_size=2, **preset)
+    cfg = deepspeed_config(train, world_size=1, on_gpu=False)
+    if cfg["zero_optimization"]["stage"] == 3:
         cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition even the LoRA matrices
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg, dist_init_required=False)
     return engine
@@ -54,7 +56,7 @@ def _step(engine, ids):
     return loss.item()
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3, "zero3-offload"])
 def test_state_round_trip_continues_identically(process_group, tiny_checkpoints, stage):
     from ia2ray.train.state import (
         adapter_state,

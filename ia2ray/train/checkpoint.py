@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Optional
 
 import torch
+
+log = logging.getLogger(__name__)
 
 FORMAT = 1
 STATE, MARKER = "state.pt", "COMPLETE.json"
@@ -59,8 +62,8 @@ def latest_complete(run_dir: Path) -> Optional[Path]:
         try:
             verify(d)
             return d
-        except CheckpointError:
-            continue
+        except CheckpointError as exc:  # an upload cut short: Ray never registered it either
+            log.warning("skipping %s", exc)
     return None
 
 
