@@ -128,12 +128,32 @@ def _fresh(model):
     return copy.deepcopy(model)
 
 
+def _metrics_recorder(path: Path):
+    """A Ray Train callback (it runs in the Train controller process) that appends rank 0's reports to a file."""
+    import ray.train
+
+    class Recorder(ray.train.UserCallback):  # local class: pickled by value into the controller
+        def after_report(self, run_context, metrics, checkpoint):
+            with open(path, "a") as f:
+                f.write(json.dumps(metrics[0]) + "\n")
+
+    return Recorder()
+
+
 def test_resume_equals_uninterrupted(ray_cluster, setup):
     make, storage = setup
     overrides = ("train.num_workers=1", "train.checkpoint_every=2")
     cfg, job = make(*overrides)[:2]
-    whole = fit(job, "uninterrupted", str(storage))
+    whole = fit(replace(job, train=job.train.model_copy(update={"report_every": 1})), "uninterrupted", str(storage),
+                callbacks=[_metrics_recorder(storage / "reports.jsonl")])
     assert [f["result"]["name"] for f in whole.finished] == ["align", "sft"]
+    # with train.report_every=1 every dev check reaches Ray Train's callbacks (what Tune will see);
+    # each stage end reports too
+    reports = [json.loads(line) for line in (storage / "reports.jsonl").read_text().splitlines()]
+    checks = [(f["result"]["name"], h["step"], h["dev_loss"]) for f in whole.finished for h in f["history"] if "dev_loss" in h]
+    assert [(r["stage"], r["step"], r["dev_loss"]) for r in reports if "dev_loss" in r] == checks
+    assert [(r["stage"], r["step"]) for r in reports if r.get("stage_done")] == [
+        (f["result"]["name"], f["result"]["steps"]) for f in whole.finished]
 
     # the workers die right after the checkpoint of align step 4; the same run name resumes from it
     with pytest.raises(StageRunError):

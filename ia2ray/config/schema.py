@@ -144,6 +144,10 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(
         50, ge=0, description="Checkpoint every K optimiser steps (0: only at stage ends). Ray Train workers only."
     )
+    report_every: int = Field(
+        0, ge=0, description="Also report metrics to Ray Train callbacks (and Tune) at every K-th dev check; 0: only "
+        "at checkpoints and stage ends. A report waits for Ray Train's controller poll (0.5 s) when reports come faster.",
+    )
     storage: Optional[str] = Field(
         None, description="Ray Train storage (local path or URI) for checkpoints (default: `<output.dir>/train`). "
         "A run with the same `name` resumes from its last complete checkpoint.",

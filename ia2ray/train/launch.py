@@ -16,7 +16,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from ia2ray.core.stages import NonFiniteLossError, StageOutOfMemoryError
 from ia2ray.train import checkpoint as ckpt
@@ -62,8 +62,11 @@ def local_run_dir(storage: str, name: str) -> Optional[str]:
     return None if "://" in storage else str(Path(storage) / name)
 
 
-def fit(job: TrainJob, name: str, storage: str, use_gpu: Optional[bool] = None) -> FitOutcome:
-    """Run `job`'s stages on `job.train.num_workers` Ray Train workers; resume if `name` has checkpoints."""
+def fit(job: TrainJob, name: str, storage: str, use_gpu: Optional[bool] = None, callbacks: Sequence = ()) -> FitOutcome:
+    """Run `job`'s stages on `job.train.num_workers` Ray Train workers; resume if `name` has checkpoints.
+
+    Workers report `{"stage", "step", "dev_loss", "best_dev_loss", "train_loss"}` at every dev check
+    (and `stage_done` at stage ends) to Ray Train `callbacks`, e.g. Tune's `TuneReportCallback`."""
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -89,7 +92,7 @@ def fit(job: TrainJob, name: str, storage: str, use_gpu: Optional[bool] = None) 
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures), callbacks=list(callbacks),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
     )

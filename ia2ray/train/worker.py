@@ -204,8 +204,20 @@ def run_stage(job: TrainJob, index: int, teacher: dict, adapter: Optional[dict],
             log.warning("fault injection: worker exits after the checkpoint of step %d", pos.step)
             os._exit(1)
 
+    def fields(step: int, **extra) -> dict:
+        """What a report carries (Tune and the Train callbacks see these; all ranks send the same)."""
+        return {"stage": name, "step": step, "best_dev_loss": stopper.best, **extra}
+
+    def report_check(step: int, **extra) -> None:
+        """After a dev check: a metrics-only report on every `train.report_every`-th check of the stage
+        (counted from the history, which a resume restores)."""
+        done = sum(1 for h in result.history if "dev_loss" in h)
+        if job.train.report_every and done % job.train.report_every == 0:
+            _report_metrics(fields(step, **extra))
+
     if not resume:
         check(0)
+        report_check(0, dev_loss=stopper.best)
     engine.train()
     gen = torch.Generator().manual_seed(s.seed)
     for epoch in range(s.max_epochs):
@@ -219,12 +231,15 @@ def run_stage(job: TrainJob, index: int, teacher: dict, adapter: Optional[dict],
                                s.batch_size)
             pos = Position(epoch, i + 1, pos.step + 1)
             result.history.append({"step": pos.step, "train_loss": loss})
-            metrics = {"stage": name, "step": pos.step, "train_loss": loss}
-            if (pos.step % s.eval_every == 0 or i == len(chunks) - 1) and check(pos.step):
+            checked = pos.step % s.eval_every == 0 or i == len(chunks) - 1  # the reference checks at epoch ends too
+            if checked and check(pos.step):
                 result.stopped_early = True
                 break
+            dev = {"dev_loss": result.history[-1]["dev_loss"]} if checked else {}
             if job.train.checkpoint_every and pos.step % job.train.checkpoint_every == 0:
-                save(False, False, {**metrics, "dev_loss": stopper.best})
+                save(False, False, fields(pos.step, train_loss=loss, **dev))
+            elif checked:
+                report_check(pos.step, train_loss=loss, **dev)
         pos = Position(epoch + 1, 0, pos.step)
     result.steps = pos.step
     result.best_step, result.best_dev_loss = stopper.best_step, stopper.best
@@ -236,7 +251,7 @@ def run_stage(job: TrainJob, index: int, teacher: dict, adapter: Optional[dict],
     wc.finished.append({"result": result.summary(), "history": result.history, "timings": timings})
     best = stopper.best_state
     final = index == len(job.stages) - 1
-    save(final, True, {"stage": name, "step": pos.step, "best_dev_loss": stopper.best})
+    save(final, True, fields(pos.step, stage_done=True))
     engine.destroy()  # frees DeepSpeed's buffers and hooks; the next stage builds its own engine
     if wc.on_gpu:
         torch.cuda.empty_cache()
@@ -342,6 +357,13 @@ def _resume_state(checkpoint, resume_from: Optional[str], job: TrainJob, wc: Wor
         log.info("resuming from %s: stage %d, position %s (written by %d workers, now %d)", source,
                  state["stage_index"], state["position"], state["world_size"], wc.world)
     return state
+
+
+def _report_metrics(metrics: dict) -> None:
+    """Metrics without a checkpoint (every rank calls it: a report is a barrier in Ray Train)."""
+    import ray.train
+
+    ray.train.report(metrics)
 
 
 def _report(state: dict, metrics: dict, final: bool, wc: WorkerContext, job: TrainJob, engine, dir_name: str) -> None:
