@@ -35,3 +35,16 @@ def test_align_throughput_bench_runs_on_cpu(tmp_path):
     report = json.loads(out.read_text())
     assert report["seq"] == 16 and report["tokens_per_s"] > 0 and report["mfu"] is None
     assert report["model_flops_per_token"] > 4 * report["lora_params"]
+
+
+@pytest.mark.slow
+def test_bench_train_quick_writes_its_report(tmp_path):
+    out = tmp_path / "train.json"
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_train.py"), "--quick", "--out", str(out)],
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["command"] == "python bench/bench_train.py --quick"
+    row = report["rows"][0]
+    assert row["workers"] == 1 and [s["name"] for s in row["one_fit"]["stages"]] == ["align", "sft"]
+    assert row["one_fit"]["startup_s"] > 0 and row["one_fit"]["train_s"] > 0 and len(row["two_fits"]["fits"]) == 2
