@@ -40,6 +40,7 @@ def test_presets_fill_in_batch_and_precision(preset, stage):
     assert ds["bf16"] == {"enabled": False}  # auto: fp32 on CPU
     assert deepspeed_config(cfg.train, 1, on_gpu=True)["bf16"] == {"enabled": True}
     assert ds["zero_allow_untested_optimizer"] is True
+    assert ds["gradient_clipping"] == 0.0  # DeepSpeed's own default clips at 1.0; the paper does not clip
     assert ("offload_param" in ds["zero_optimization"]) == (preset == "zero3-offload")
 
 
@@ -74,6 +75,10 @@ def test_user_deepspeed_json(tmp_path):
     good.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
     cfg = load_run_config(None, [f"train.deepspeed={good}"])
     assert zero_stage(cfg.train) == 1
+    assert deepspeed_config(cfg.train, 1, False)["gradient_clipping"] == 0.0
+    clipped = tmp_path / "clipped.json"
+    clipped.write_text(json.dumps({"gradient_clipping": 0.5}))
+    assert deepspeed_config(load_run_config(None, [f"train.deepspeed={clipped}"]).train, 1, False)["gradient_clipping"] == 0.5
     owned = tmp_path / "owned.json"
     owned.write_text(json.dumps({"train_batch_size": 32, "optimizer": {"type": "AdamW"}}))
     with pytest.raises(ConfigError, match=r"owned.json sets train_batch_size, optimizer"):

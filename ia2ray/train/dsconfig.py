@@ -88,6 +88,9 @@ def deepspeed_config(train: TrainConfig, world_size: int, on_gpu: bool) -> dict:
     if zero["stage"] < 3:
         zero.pop("offload_param", None)
         zero = {k: v for k, v in zero.items() if not k.startswith("stage3_")}
+    # DeepSpeed clips gradients to norm 1.0 unless told otherwise; the paper (and the in-process loop)
+    # does not clip. A user JSON may still set gradient_clipping.
+    cfg.setdefault("gradient_clipping", 0.0)
     cfg.update(
         zero_optimization=zero,
         train_batch_size=geo.global_slots,
