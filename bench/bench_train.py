@@ -18,6 +18,7 @@ per trial, and is reported apart.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import tempfile
@@ -102,7 +103,7 @@ def main() -> None:
     ray.shutdown()
     report = {
         "command": "python bench/bench_train.py" + (" --quick" if args.quick else ""),
-        "machine": {"cpus": __import__("os").cpu_count(), "platform": platform.platform()},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "setup": f"builtin:testbed, testbed/map2, N=8, ia2->sft, {epochs} epochs per stage, batch 4, ZeRO-2 fp32, "
                  "1 CPU per worker, no periodic checkpoints (stage ends only)",
         "ray_init_s": ray_init,
