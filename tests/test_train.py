@@ -294,9 +294,13 @@ def test_run_cli_two_workers_zero3_in_a_fresh_process(tmp_path):
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def test_bf16_on_cpu_trains(ray_cluster, setup):
+def test_bf16_on_cpu_trains_with_a_user_deepspeed_file_read_by_the_driver(ray_cluster, setup, tmp_path, monkeypatch):
     make, storage = setup
-    _, job = make("train.num_workers=1", "train.precision=bf16", pipeline="ia2")[:2]
+    monkeypatch.chdir(tmp_path)
+    Path("mine.json").write_text(json.dumps({"zero_optimization": {"stage": 1}}))
+    _, job = make("train.num_workers=1", "train.precision=bf16", "train.deepspeed=mine.json", pipeline="ia2")[:2]
+    assert job.deepspeed == {"zero_optimization": {"stage": 1}}
+    Path("mine.json").unlink()  # a relative path means nothing in a worker: the job carries the contents
     out = fit(job, "bf16", str(storage))
     losses = _train_losses(out.finished)
     assert all(map(torch.isfinite, torch.tensor(losses))) and losses[-1] < losses[0]

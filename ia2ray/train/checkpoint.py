@@ -17,6 +17,7 @@ expected but is incomplete is an error, never a silent fresh start.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import re
@@ -97,8 +98,8 @@ def write_state(directory: Path, state: dict, world_size: int) -> None:
     (directory / MARKER).write_text(json.dumps(marker, indent=1), encoding="utf-8")
 
 
-def verify(directory: Path) -> dict:
-    """The marker of a complete checkpoint; CheckpointError naming what is missing otherwise."""
+def verify(directory: Path) -> bytes:
+    """The bytes of `state.pt` of a complete checkpoint; CheckpointError naming what is missing otherwise."""
     marker_file = directory / MARKER
     try:
         marker = json.loads(marker_file.read_text(encoding="utf-8"))
@@ -118,13 +119,12 @@ def verify(directory: Path) -> dict:
     missing = [rank_file(r) for r in range(int(marker.get("world_size", 0))) if not (directory / rank_file(r)).is_file()]
     if missing:
         raise CheckpointError(f"{directory}: incomplete checkpoint (missing {', '.join(missing)})")
-    return marker
+    return data
 
 
 def read_state(directory: Path, fingerprint: str) -> dict:
     """Verified state of a checkpoint written by the same job (same fingerprint)."""
-    verify(directory)
-    state = torch.load(directory / STATE, map_location="cpu", weights_only=True)
+    state = torch.load(io.BytesIO(verify(directory)), map_location="cpu", weights_only=True)  # read once
     if state.get("fingerprint") != fingerprint:
         raise CheckpointError(
             f"{directory}: written by a different configuration (fingerprint {state.get('fingerprint')}, this "

@@ -9,6 +9,7 @@ weight-0 examples (see `ia2ray.train.worker`), so DeepSpeed always sees a fixed 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import dataclass
@@ -68,23 +69,26 @@ def load_preset(name_or_path: str) -> dict:
     return cfg
 
 
-def zero_stage(train: TrainConfig) -> int:
-    """The ZeRO stage a run uses: `train.zero_stage`, else the preset's."""
+def zero_stage(train: TrainConfig, preset: Optional[dict] = None) -> int:
+    """The ZeRO stage a run uses: `train.zero_stage`, else the preset's (`preset`: the loaded
+    `train.deepspeed`, read from disk when not given)."""
     if train.zero_stage is not None:
         return train.zero_stage
-    return int(load_preset(train.deepspeed).get("zero_optimization", {}).get("stage", 0))
+    preset = load_preset(train.deepspeed) if preset is None else preset
+    return int(preset.get("zero_optimization", {}).get("stage", 0))
 
 
 def use_bf16(train: TrainConfig, on_gpu: bool) -> bool:
     return train.precision == "bf16" or (train.precision == "auto" and on_gpu)
 
 
-def deepspeed_config(train: TrainConfig, world_size: int, on_gpu: bool) -> dict:
-    """The complete DeepSpeed config of one stage on `world_size` workers."""
-    cfg = load_preset(train.deepspeed)
+def deepspeed_config(train: TrainConfig, world_size: int, on_gpu: bool, preset: Optional[dict] = None) -> dict:
+    """The complete DeepSpeed config of one stage on `world_size` workers. Workers pass `preset`, the
+    `train.deepspeed` file as the driver read it (a path means nothing on another node or cwd)."""
+    cfg = copy.deepcopy(load_preset(train.deepspeed) if preset is None else preset)
     geo = batch_geometry(train.batch_size, world_size, train.micro_batch_size)
     zero = dict(cfg.get("zero_optimization", {}))
-    zero["stage"] = zero_stage(train)
+    zero["stage"] = zero_stage(train, cfg)
     if zero["stage"] < 3:
         zero.pop("offload_param", None)
         zero = {k: v for k, v in zero.items() if not k.startswith("stage3_")}

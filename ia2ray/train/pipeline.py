@@ -45,7 +45,8 @@ def make_job(cfg: RunConfig, pad_id: int, stages: list[StageWork], teacher: Opti
             for i, it in enumerate(items)]
         specs.append(StageSpec(work.name, work.objective, work.settings, refs(work.train_items, 0),
                                refs(work.dev_items, n_train)))
-    model = cfg.model.model_copy(update={"path": model_dir(cfg.model)})
+    path = model_dir(cfg.model)  # workers run elsewhere (another cwd, maybe another node): no relative paths
+    model = cfg.model.model_copy(update={"path": str(Path(path).resolve()) if Path(path).is_dir() else path})
     fingerprint = content_hash({
         # what decides the result; worker count, ZeRO stage and checkpoint cadence may change on resume
         "model": model.model_dump(mode="json"), "lora": cfg.lora.model_dump(mode="json"), "seed": cfg.train.seed,
@@ -53,7 +54,8 @@ def make_job(cfg: RunConfig, pad_id: int, stages: list[StageWork], teacher: Opti
         "stages": [[s.name, s.objective.__dict__, s.settings.__dict__, [r.__dict__ for r in s.train + s.dev]]
                    for s in specs],
     })
-    return TrainJob(model=model, lora=cfg.lora, lora_seed=cfg.train.seed, train=cfg.train, stages=specs,
+    return TrainJob(model=model, lora=cfg.lora, lora_seed=cfg.train.seed, train=cfg.train,
+                    deepspeed=load_preset(cfg.train.deepspeed), stages=specs,
                     pad_id=pad_id, fingerprint=fingerprint,
                     teacher_cache=(teacher.cache_root, teacher.key) if teacher else None)
 

@@ -69,10 +69,11 @@ class StageSpec:
 class TrainJob:
     """Everything a worker needs; pickled into each worker by Ray."""
 
-    model: ModelConfig  # `path` resolved to a local directory or hub id
+    model: ModelConfig  # `path` resolved to an absolute local directory or a hub id
     lora: LoraConfig
     lora_seed: int
     train: TrainConfig
+    deepspeed: dict  # the `train.deepspeed` preset or file, as the driver read it
     stages: list[StageSpec]
     pad_id: int
     fingerprint: str
@@ -147,7 +148,7 @@ def run_stage(job: TrainJob, index: int, teacher: dict, adapter: Optional[dict],
     s, name = spec.settings, spec.name
     geo = batch_geometry(s.batch_size, wc.world, job.train.micro_batch_size)
     objective = spec.objective
-    if zero_stage(job.train) == 3 and objective.stop_early:
+    if zero_stage(job.train, job.deepspeed) == 3 and objective.stop_early:
         # ZeRO-3 gathers each layer's weights in forward hooks and frees them in post-forward hooks; an
         # aborted forward skips those. On CPU the results were the same with stopping on (1 and 2
         # workers), but what it does to GPU memory is unmeasured: run the full forward.
@@ -161,7 +162,7 @@ def run_stage(job: TrainJob, index: int, teacher: dict, adapter: Optional[dict],
         load_trainable_state(model, start)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=s.lr, weight_decay=0.0)
-    ds_cfg = deepspeed_config(job.train, wc.world, wc.on_gpu)
+    ds_cfg = deepspeed_config(job.train, wc.world, wc.on_gpu, job.deepspeed)
     clock["model_loaded"] = time.perf_counter()
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg, dist_init_required=False)
     del model, optimizer
