@@ -48,3 +48,15 @@ def test_bench_train_quick_writes_its_report(tmp_path):
     row = report["rows"][0]
     assert row["workers"] == 1 and [s["name"] for s in row["one_fit"]["stages"]] == ["align", "sft"]
     assert row["one_fit"]["startup_s"] > 0 and row["one_fit"]["train_s"] > 0 and len(row["two_fits"]["fits"]) == 2
+
+
+@pytest.mark.slow
+def test_bench_study_quick_writes_its_report(tmp_path):
+    out = tmp_path / "study.json"
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_study.py"), "--quick", "--out", str(out)],
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    row = json.loads(out.read_text())["growth"][0]
+    assert row["trials"] == 2 and len(row["per_trial"]) == 2
+    assert 0 < row["compute_share_of_search"] < row["slot_busy_share_of_search"] <= 1.0
+    assert all(t["compute_s"] > 0 and t["overhead_s"] > 0 for t in row["per_trial"])

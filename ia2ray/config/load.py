@@ -16,7 +16,6 @@ from pydantic import ValidationError
 
 from ia2ray.config.schema import RunConfig, StudyFile
 
-
 _FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
@@ -115,12 +114,8 @@ def load_raw(path: Optional[str | Path]) -> tuple[dict, dict[tuple, str], list[s
     return data, {k: f"{p}:{v}" for k, v in _yaml_lines(text).items()}, []
 
 
-def load_run_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | list[str] = ()) -> RunConfig:
-    """Load a run config (or a study file, whose searched parameters take their defaults).
-
-    Raises ConfigError listing every problem with its dotted key and origin (file:line or --set).
-    """
-    data, where, file_errors = load_raw(path)
+def with_overrides(data: dict, where: dict[tuple, str], overrides) -> tuple[dict, list[str]]:
+    """A copy of `data` with each `--set KEY=VALUE` applied (origins recorded in `where`); the errors."""
     data = copy.deepcopy(data)
     errors: list[str] = []
     for text in overrides:
@@ -130,11 +125,21 @@ def load_run_config(path: Optional[str | Path] = None, overrides: tuple[str, ...
             where[tuple(key.split("."))] = f"--set {text}"
         except ValueError as exc:
             errors.append(str(exc))
+    return data, errors
+
+
+def load_run_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | list[str] = ()) -> RunConfig:
+    """Load a run config (or a study file, whose searched parameters take their defaults).
+
+    Raises ConfigError listing every problem with its dotted key and origin (file:line or --set).
+    """
+    data, where, file_errors = load_raw(path)
+    data, errors = with_overrides(data, where, overrides)
     source = str(path) if path else "the default config"
     if file_errors:
         raise ConfigError(file_errors + errors, source)
 
-    is_study = "search" in data
+    is_study = "search" in data or "study" in data
     try:
         parsed = (StudyFile if is_study else RunConfig).model_validate(data)
     except ValidationError as exc:
@@ -146,9 +151,26 @@ def load_run_config(path: Optional[str | Path] = None, overrides: tuple[str, ...
     return study_defaults(parsed, where, source)
 
 
+def load_study_file(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> tuple[StudyFile, dict[tuple, str]]:
+    """Load a study file with `--set` overrides (which may also set `study.*` and `search.*` keys).
+
+    Returns the study and its key path -> origin ('file:line' or '--set ...') map; raises ConfigError
+    listing every problem."""
+    data, where, file_errors = load_raw(path)
+    data, errors = with_overrides(data, where, overrides)
+    errors = file_errors + errors
+    if errors:
+        raise ConfigError(errors, str(path))
+    try:
+        study = StudyFile.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, where), str(path)) from None
+    return study, where
+
+
 def study_defaults(study: StudyFile, where: dict | None = None, source: str = "study") -> RunConfig:
     """The run config of a study file with every searched parameter set to its default."""
-    base = study.model_dump(exclude={"search"})
+    base = study.model_dump(exclude={"search", "study"})
     errors = []
     for key, param in study.search.params.items():
         if not _has_path(base, key):

@@ -11,7 +11,7 @@ from typing import Iterator
 
 from pydantic import BaseModel
 
-from ia2ray.config.schema import RunConfig
+from ia2ray.config.schema import RunConfig, StudyFile
 
 
 def _fields(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, object, str, bool]]:
@@ -55,8 +55,8 @@ def cli_help(model: type[BaseModel] = RunConfig) -> str:
     return "\n".join(lines)
 
 
-def markdown_reference(model: type[BaseModel] = RunConfig) -> str:
-    """A Markdown table: key, default, meaning."""
+def markdown_reference(model: type[BaseModel] = StudyFile) -> str:
+    """A Markdown table: key, default, meaning (every run key, then the study file's `study` and `search`)."""
     rows = ["| key | default | meaning |", "|---|---|---|"]
     for key, default, doc, is_section in _fields(model):
         if not is_section:

@@ -257,10 +257,58 @@ class SearchParam(Section):
 
 
 class SearchConfig(Section):
-    params: dict[str, SearchParam] = Field(default_factory=dict, description="Searched parameters by dotted key.")
+    """The searched parameters (study files only)."""
+
+    params: dict[str, SearchParam] = Field(
+        default_factory=dict, description="Searched parameters by dotted config key, e.g. `lora.rank: {kind: choice, "
+        "values: [4, 8, 16]}`; kinds: choice, uniform, loguniform, int. `align.layers` choices may be `all`, "
+        "`band:START:WIDTH`, `every:K[:OFFSET]` or explicit lists.",
+    )
+
+
+BASELINES = ("icl", "sft", "ia2", "ia2->sft")
+
+
+class ConfirmConfig(Section):
+    """After the search: re-train the best configs and the baselines over seeds, evaluate on the test split."""
+
+    top_k: int = Field(3, ge=0, description="Pareto-optimal configs (or best by the scalar objective) to confirm.")
+    seeds: list[int] = Field([0, 1, 2], min_length=1, description="`data.seed` values (N-shot subsets) of the "
+                             "confirmation runs; mean and std over them go into the report (paper: 5 seeds).")
+    baselines: list[Literal["icl", "sft", "ia2", "ia2->sft"]] = Field(
+        list(BASELINES), description="Baselines confirmed next to the found configs, each with every searched "
+        "parameter at its default: ICL (N-1 demos, no training), SFT only, IA2 only, IA2 -> SFT.",
+    )
+
+
+class StudyConfig(Section):
+    """How the search runs: trial budget, objective, sampler, resources, storage."""
+
+    num_trials: int = Field(16, ge=1, description="Trials of the search.")
+    max_concurrent: int = Field(0, ge=0, description="Trials running at once; 0: as many as the cluster's CPUs and "
+                                "GPUs hold (each trial's Train workers need their resources).")
+    objective: Literal["pareto", "scalar"] = Field(
+        "pareto", description="`pareto`: maximise val/acc and minimise val/ece (ECE scheme and bins from `eval`); "
+        "`scalar`: maximise val/acc - ece_weight * val/ece. Tasks without ECE (generated answers) use val/acc.",
+    )
+    ece_weight: float = Field(1.0, ge=0, description="lambda of the scalar objective acc - lambda * ECE.")
+    sampler: Literal["tpe", "nsga2", "random"] = Field("tpe", description="Optuna sampler.")
+    seed: int = Field(0, description="Seed of the Optuna sampler.")
+    time_budget_s: Optional[float] = Field(None, gt=0, description="Stop starting trials after this many seconds.")
+    driver_cpus: float = Field(0.0, ge=0, description="CPUs reserved for each trial's driver (it loads the model, "
+                               "launches Ray Train and evaluates); 0 leaves every CPU to Train workers. With "
+                               "`train.num_workers: 0` the trial trains itself and reserves `train.cpus_per_worker`.")
+    driver_resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources each trial driver needs, e.g. `{trial_driver: 1}` to "
+        "keep drivers on on-demand nodes.",
+    )
+    storage: str = Field("studies", description="Parent folder of studies; a study lives in `<storage>/<name>` "
+                         "(Tune experiment, Optuna SQLite, teacher cache, checkpoints, report). `--storage` overrides.")
+    confirm: ConfirmConfig = Field(default_factory=ConfirmConfig)
 
 
 class StudyFile(RunConfig):
-    """A study file (`search_spaces/*.yaml`): a run config plus the searched parameters."""
+    """A study file (`search_spaces/*.yaml`): a run config plus the search and study settings."""
 
+    study: StudyConfig = Field(default_factory=StudyConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)

@@ -8,6 +8,7 @@ Pipelines (paper name -> ours):
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -18,9 +19,9 @@ from ia2ray.config.load import ConfigError
 from ia2ray.config.schema import RunConfig
 from ia2ray.core.batches import TrainItem
 from ia2ray.core.cache import ActivationCache
-from ia2ray.core.fingerprint import content_hash, fingerprint_model, fingerprint_tokenizer
 from ia2ray.core.capture import capture_icl_activations
 from ia2ray.core.evaluate import evaluate, icl_baseline, label_token_ids
+from ia2ray.core.fingerprint import content_hash, fingerprint_model, fingerprint_tokenizer
 from ia2ray.core.generate import Generated, continuation_ids
 from ia2ray.core.model import add_lora, load_model, model_dir, resolve_device, resolve_layers
 from ia2ray.core.objective import StageObjective
@@ -107,10 +108,17 @@ class Teacher:
     records: list[Generated]
     cache_root: str
     key: str
+    hit: bool = True  # found in the cache (False: the teacher ran for this run)
 
 
-def capture_teacher(cfg: RunConfig, model, tokenizer, data: RunData, progress: bool = True) -> Teacher:
-    """Teacher tokens + activations (all layers) for train then dev examples, via the cache."""
+class TeacherNotCachedError(RuntimeError):
+    """A run that may only read teacher activations (a study trial) found none in the cache."""
+
+
+def capture_teacher(cfg: RunConfig, model, tokenizer, data: RunData, progress: bool = True,
+                    cached_only: bool = False) -> Teacher:
+    """Teacher tokens + activations (all layers) for train then dev examples, via the cache.
+    With `cached_only`, a cache miss raises TeacherNotCachedError instead of running the teacher."""
     spec, splits = data.spec, data.splits
     prompts = training_prompts(spec, splits, cfg.data.seed) + dev_prompts(spec, splits, cfg.data.seed)
     budget = cfg.align.max_new_tokens or spec.max_new_tokens
@@ -132,13 +140,16 @@ def capture_teacher(cfg: RunConfig, model, tokenizer, data: RunData, progress: b
     meta = {"dtype": cfg.capture.dtype, "site": cfg.align.site, "task": spec.name, "n_prompts": len(prompts)}
 
     def compute():
+        if cached_only:
+            raise TeacherNotCachedError(f"teacher activations {key} are not in the cache {root} (task {spec.name}, "
+                                        f"N={cfg.data.n}, seed {cfg.data.seed}, site {cfg.align.site})")
         return capture_icl_activations(model, tokenizer, prompts, budget, site=cfg.align.site,
                                        batch_size=cfg.capture.batch_size, stop_strings=spec.stop_strings,
                                        progress=progress)
 
     records, hit = cache.get_or_compute(key, compute, meta)
     log.info("teacher capture %s: key %s (%d prompts)", "cache hit" if hit else "computed", key, len(prompts))
-    return Teacher(records, str(root.resolve()), key)
+    return Teacher(records, str(root.resolve()), key, hit)
 
 
 def answer_ids(tokenizer, spec: TaskSpec, ex: Example) -> list[int]:
@@ -214,30 +225,59 @@ def stage_work(cfg: RunConfig, tokenizer, data: RunData, layers: list[int], teac
 
 def run_pipeline(cfg: RunConfig, *, data: Optional[RunData] = None, progress: bool = True,
                  on_log: Optional[Callable[[str, dict], None]] = None,
-                 train_stages: StageTrainer = train_in_process) -> RunOutcome:
-    """Run `cfg` end to end; returns the summary (val/test metrics, ICL baseline, stage histories).
-    `train_stages` trains the adapter (in this process by default; `ia2ray.train` has the Ray Train one)."""
+                 train_stages: StageTrainer = train_in_process, splits: tuple[str, ...] = ("val", "test"),
+                 cached_teacher_only: bool = False) -> RunOutcome:
+    """Run `cfg` end to end; returns the summary (metrics on `splits`, ICL baseline, stage histories).
+    `train_stages` trains the adapter (in this process by default; `ia2ray.train` has the Ray Train one).
+    `cached_teacher_only`: the teacher must already be in the cache (study trials)."""
+    clock = [time.perf_counter()]
     data = data or prepare_data(cfg)
     preflight(cfg, data)
-    spec, splits = data.spec, data.splits
+    spec = data.spec
     device = resolve_device(cfg.train.device)
     model, tokenizer = load_model(cfg.model, device)
+    clock.append(time.perf_counter())
     layers = resolve_layers(cfg.align.layers, num_layers(model))
 
     summary: dict = {"name": cfg.name, "pipeline": cfg.pipeline, "task": spec.name, "n": cfg.data.n,
                      "seed": cfg.data.seed, "aligned_layers": layers, "ece_scheme": cfg.eval.ece_scheme}
     if cfg.eval.icl_baseline:
-        summary["icl"] = {split: icl_baseline(model, tokenizer, spec, getattr(splits, split), data.icl_draws,
-                                              cfg.eval, device) for split in ("val", "test")}
+        summary["icl"] = icl_metrics(cfg, model, tokenizer, data, splits, device)
 
     teacher = None
     if any(src == "teacher" for _, _, src, _ in PIPELINE_STAGES[cfg.pipeline]):
-        teacher = capture_teacher(cfg, model, tokenizer, data, progress)
+        teacher = capture_teacher(cfg, model, tokenizer, data, progress, cached_only=cached_teacher_only)
     stages = stage_work(cfg, tokenizer, data, layers, teacher)
+    clock.append(time.perf_counter())
     model, results = train_stages(cfg, model, tokenizer, stages, teacher, on_log)
+    clock.append(time.perf_counter())
     summary["stages"] = [r for r, _ in results]
     history = [{"stage": r["name"], **h} for r, hist in results for h in hist]
     model.eval()
-    for split in ("val", "test"):
-        summary[split] = evaluate(model, tokenizer, spec, getattr(splits, split), cfg.eval, device)
+    for split in splits:
+        summary[split] = evaluate(model, tokenizer, spec, getattr(data.splits, split), cfg.eval, device)
+    clock.append(time.perf_counter())
+    # seconds: data + model load, ICL baseline + teacher + items, stage training (all of it, e.g. a
+    # whole Ray Train fit), evaluation
+    summary["timings"] = {k: round(b - a, 3) for k, a, b in zip(("load_s", "prepare_s", "train_stages_s", "eval_s"),
+                                                                clock, clock[1:])}
     return RunOutcome(summary, model, tokenizer, history)
+
+
+def icl_metrics(cfg: RunConfig, model, tokenizer, data: RunData, splits: tuple[str, ...], device) -> dict:
+    """The ICL baseline (base model, N-1 demos from outside the training set) on each split."""
+    return {split: icl_baseline(model, tokenizer, data.spec, getattr(data.splits, split), data.icl_draws, cfg.eval,
+                                device) for split in splits}
+
+
+def run_icl(cfg: RunConfig, *, data: Optional[RunData] = None, splits: tuple[str, ...] = ("val", "test")) -> dict:
+    """Only the ICL baseline (no training): a summary shaped like run_pipeline's, metrics per split."""
+    data = data or prepare_data(cfg)
+    if not data.icl_draws:
+        raise ValueError("run_icl needs eval.icl_baseline: true")
+    device = resolve_device(cfg.train.device)
+    model, tokenizer = load_model(cfg.model, device)
+    summary = {"name": cfg.name, "pipeline": "icl", "task": data.spec.name, "n": cfg.data.n, "seed": cfg.data.seed,
+               "ece_scheme": cfg.eval.ece_scheme}
+    summary.update(icl_metrics(cfg, model, tokenizer, data, splits, device))
+    return summary

@@ -68,7 +68,9 @@ def train_with_ray(cfg: RunConfig, model, tokenizer, stages: list[StageWork], te
              outcome.checkpoint_dir)
     model = add_lora(model, cfg.lora, seed=cfg.train.seed)
     load_trainable_state(model, outcome.adapter)
-    results = [(f["result"], f["history"]) for f in outcome.finished]
+    # stage summaries carry the workers' timings (model load, DeepSpeed init, training), as recorded
+    # in the final checkpoint (a rerun of a finished run returns the same)
+    results = [({**f["result"], "timings": f.get("timings", {})}, f["history"]) for f in outcome.finished]
     if on_log:
         for summary, history in results:
             for h in history:

@@ -1,0 +1,222 @@
+"""A whole study, top to bottom: validate -> teacher capture -> search -> confirmation -> report.
+
+Everything that can be wrong with the input (config keys, the search space, layer indices beyond the
+model's depth, label tokens, data rows, the storage path, an existing study without --resume) is
+reported by `prepare_study` before Ray starts and before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from ia2ray.config.load import ConfigError, dump_yaml, load_study_file
+from ia2ray.config.schema import RunConfig, StudyFile
+from ia2ray.fileio import write_json_atomic, write_text_atomic
+from ia2ray.study.plan import TrialPlan, plan_trials
+from ia2ray.study.space import candidates, check_space, describe
+from ia2ray.study.trial import TrialContext, objectives
+
+log = logging.getLogger(__name__)
+
+
+
+@dataclass
+class PreparedStudy:
+    study: StudyFile
+    base: RunConfig  # the trials' starting config: searched keys at defaults, study paths filled in
+    study_dir: Path
+    has_ece: bool
+    source: str
+
+
+def default_study_path() -> Path:
+    """search_spaces/testbed.yaml beside the package (a source checkout or `--working-dir .`)."""
+    here = Path(__file__).resolve().parents[2] / "search_spaces" / "testbed.yaml"
+    return here if here.is_file() else Path("search_spaces/testbed.yaml")
+
+
+def check_storage(storage: str) -> list[str]:
+    if "://" in storage:
+        return [f"--storage / study.storage = {storage!r}: only local or mounted shared folders are supported by "
+                "this version (the Optuna database and the teacher cache need a file system)"]
+    p = Path(storage).expanduser().resolve()
+    probe = p
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        return [f"--storage / study.storage = {storage!r}: {probe} is a file, not a folder"]
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return [f"--storage / study.storage = {storage!r}: {probe} is not writable"]
+    return []
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict) and k != "params":
+            keys += _diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            keys.append(f"{prefix}{k}")
+    return keys
+
+
+def _absolute(path: Optional[str]) -> Optional[str]:
+    return str(Path(path).expanduser().resolve()) if path and Path(path).expanduser().exists() else path
+
+
+def check_layers(study: StudyFile, depth: int, source: str) -> None:
+    """Every align.layers / lora.layers choice must select layers that exist in a `depth`-layer model."""
+    from ia2ray.core.model import resolve_layers
+
+    errors = []
+    for key in ("align.layers", "lora.layers"):
+        param = study.search.params.get(key)
+        for label, value in candidates(param) if param is not None and param.kind == "choice" else []:
+            if value is None:
+                continue
+            try:
+                resolve_layers(value, depth, key=key)
+            except ValueError as exc:
+                errors.append(f"search.params.{key}.{label}: {exc}")
+    if errors:
+        raise ConfigError(errors, f"{source}: {depth} layers")
+
+
+def check_model(study: StudyFile, base: RunConfig, source: str) -> bool:
+    """Model- and data-dependent checks: every align.layers / lora.layers candidate within the model's
+    depth, label words single tokens, data rows valid. Returns whether val/ece exists (label task)."""
+    from transformers import AutoConfig
+
+    from ia2ray.core.model import model_dir
+    from ia2ray.core.pipeline import preflight, prepare_data
+    from ia2ray.data.loaders import DataError
+
+    try:
+        data = prepare_data(base)
+    except (DataError, ValueError, KeyError) as exc:
+        raise ConfigError([str(exc)], source) from None
+    preflight(base, data)
+    kw = dict(revision=base.model.revision, trust_remote_code=base.model.trust_remote_code)
+    depth = AutoConfig.from_pretrained(model_dir(base.model), **kw).num_hidden_layers
+    check_layers(study, depth, f"{source} (checked against {model_dir(base.model)})")
+    return data.spec.answer_type == "label"
+
+
+def prepare_study(config: Optional[str], overrides: list[str], storage: Optional[str], resume: bool) -> PreparedStudy:
+    """Load and check everything; raises ConfigError. Writes nothing."""
+    path = Path(config) if config else default_study_path()
+    source = str(path)
+    study, where = load_study_file(path, overrides)
+    base = check_space(study, where, source)
+    storage = storage or study.study.storage
+    errors = check_storage(storage)
+    if errors:
+        raise ConfigError(errors, source)
+    study_dir = Path(storage).expanduser().resolve() / study.name
+    saved = study_dir / "study.json"
+    if saved.is_file() and not resume:
+        raise ConfigError([f"name: a study named {study.name!r} already exists in {study_dir}; pass --resume to "
+                           "continue it, or choose another `name` or --storage"], source)
+    if resume and not saved.is_file():
+        raise ConfigError([f"--resume: no study named {study.name!r} in {study_dir}"], source)
+    if resume:
+        # Tune restores an experiment with its original settings (trial count, concurrency), so a
+        # resumed study must be the same study
+        changed = _diff(json.loads(saved.read_text())["study"], study.model_dump(mode="json"))
+        if changed:
+            raise ConfigError([f"--resume: {k} differs from the study in {saved}" for k in changed], source)
+    tree = base.model_dump(mode="json")
+    tree["model"]["path"] = _absolute(tree["model"]["path"])  # trials run in other working directories
+    tree["task"]["path"], tree["task"]["eval_path"] = _absolute(tree["task"]["path"]), _absolute(tree["task"]["eval_path"])
+    tree["capture"]["cache_dir"] = str(study_dir / "activations")
+    tree["train"]["storage"] = str(study_dir / "train")
+    base = RunConfig.model_validate(tree)
+    has_ece = check_model(study, base, source)
+    return PreparedStudy(study, base, study_dir, has_ece, source)
+
+
+def local_resources() -> dict[str, float]:
+    """This machine's CPUs (and GPUs, if torch sees any), for --dry-run without a cluster."""
+    gpus = 0
+    try:
+        import torch
+
+        gpus = torch.cuda.device_count()
+    except Exception:  # noqa: BLE001 - a dry run only estimates
+        pass
+    return {"CPU": float(os.cpu_count() or 1), "GPU": float(gpus)}
+
+
+def dry_run_lines(p: PreparedStudy, plan: TrialPlan, cluster_note: str) -> list[str]:
+    from ia2ray.study.teacher import teacher_variants
+
+    s = p.study.study
+    lines = [f"study {p.study.name}: {p.source}", f"folder: {p.study_dir}", "search space:"]
+    lines += [f"  {line}" for line in describe(p.study)]
+    metrics = [f"{m} ({d})" for m, d in objectives(p.study, p.has_ece)]
+    lines += [f"objective: {', '.join(metrics)} (ECE {p.base.eval.ece_scheme}, {p.base.eval.ece_bins} bins)",
+              f"trials: {s.num_trials} (sampler {s.sampler}, seed {s.seed})",
+              f"resources ({cluster_note}):", *[f"  {line}" for line in plan.describe()],
+              f"teacher captures before the trials: {len(teacher_variants(p.base, p.study))}",
+              f"confirmation: top {s.confirm.top_k} configs + baselines {', '.join(s.confirm.baselines)} "
+              f"x seeds {s.confirm.seeds}, on the test split"]
+    return lines
+
+
+def run_study(p: PreparedStudy, resume: bool) -> dict:
+    """Run the study (Ray must be reachable); returns {"table", "report", "errors", "timings"}."""
+    import ray
+
+    from ia2ray.study.confirm import confirmation_rows, run_confirm
+    from ia2ray.study.report import write_report
+    from ia2ray.study.search import completed_trials, pareto_front, run_search
+    from ia2ray.study.teacher import capture_all, teacher_variants
+    from ia2ray.train.launch import ensure_ray
+
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    p.study_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(p.study_dir / "study.yaml", dump_yaml(p.study))
+    write_json_atomic(p.study_dir / "study.json", {"name": p.study.name, "study": p.study.model_dump(mode="json"),
+                                                    "source": p.source, "started": time.time()})
+    ensure_ray()
+    plan = plan_trials(p.study, p.base, ray.cluster_resources())
+    for line in plan.describe():
+        log.info("%s", line)
+    ctx = TrialContext(str(p.study_dir), p.base.model_dump(mode="json"), p.study.model_dump(mode="json"))
+    t = time.perf_counter()
+    capture_all(teacher_variants(p.base, p.study), p.study_dir, plan.use_gpu)
+    timings["teacher"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    grid = run_search(p.study, ctx, plan, p.has_ece, resume)
+    timings["search"] = time.perf_counter() - t
+    errors = [f"trial {r.metrics.get('trial_id', '?')}: {r.error}" for r in grid if r.error]
+    metrics = [m for m, _ in objectives(p.study, p.has_ece)]
+    trials = completed_trials(p.study, p.study_dir)
+    if not trials:
+        raise RuntimeError("no search trial completed:\n" + "\n".join(errors))
+    front = pareto_front(p.study, p.study_dir, p.has_ece)
+
+    t = time.perf_counter()
+    rows = confirmation_rows(p.study, front)
+    confirm = run_confirm(rows, ctx, plan, resume) if rows else []
+    timings["confirm"] = time.perf_counter() - t
+    errors += [f"confirmation {r.config['row']['label']} seed {r.config['row']['seed']}: {r.error}"
+               for r in confirm if r.error]
+    timings["total"] = time.perf_counter() - start
+    lines = [f"- config: {p.source}; {len(trials)} trials; objective {', '.join(metrics)}",
+             f"- trial resources: {'; '.join(plan.describe())}",
+             "- wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())]
+    table, rows_out = write_report(p.study_dir, p.study.name, lines, rows, trials, front[: p.study.study.confirm.top_k]
+                                   or front, metrics, p.base.eval.ece_scheme)
+    write_json_atomic(p.study_dir / "timings.json", {**timings, "trials": len(trials), "errors": errors})
+    return {"table": table, "report": str(p.study_dir / "report.md"), "errors": errors, "timings": timings,
+            "rows": rows_out}

@@ -1,0 +1,80 @@
+"""Resources of one trial and how many trials run at once, from the config and the cluster.
+
+A trial is a Tune function trainable (the trial driver) plus, when `train.num_workers >= 1`, the Ray
+Train workers its `fit()` starts. Tune only knows the driver's resources, so the driver asks for
+`study.driver_cpus` (0 by default: it loads the model, waits on Train and evaluates) and concurrency is
+capped so that every running trial's Train workers fit on the cluster. With `train.num_workers: 0`
+the trial trains in its own process and asks for `train.cpus_per_worker` CPUs (and a GPU).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from ia2ray.config.schema import RunConfig, StudyFile
+
+
+@dataclass
+class TrialPlan:
+    driver: dict  # resources of the trial driver process (what Tune reserves)
+    worker: dict  # resources of one Ray Train worker ({} when the trial trains in-process)
+    num_workers: int
+    use_gpu: bool
+    concurrency: int
+    limits: list[str] = field(default_factory=list)  # why concurrency is what it is
+
+    @property
+    def per_trial(self) -> dict:
+        total = dict(self.driver)
+        for key, value in self.worker.items():
+            total[key] = total.get(key, 0) + value * self.num_workers
+        return total
+
+    def pg_factory(self):
+        """Tune's resource request for a trial driver. Ray refuses an all-zero request, so a driver
+        that needs nothing reserves a 1-byte memory bundle (no CPU taken from Train workers)."""
+        from ray import tune
+
+        if any(v > 0 for v in self.driver.values()):
+            return tune.PlacementGroupFactory([self.driver])
+        return tune.PlacementGroupFactory([{}, {"memory": 1}])
+
+    def describe(self) -> list[str]:
+        fmt = lambda d: ", ".join(f"{k}={v:g}" for k, v in d.items() if v) or "nothing"  # noqa: E731
+        lines = [f"trial driver: {fmt(self.driver)}"]
+        if self.num_workers:
+            lines.append(f"Ray Train workers: {self.num_workers} x ({fmt(self.worker)})")
+        else:
+            lines.append("training: inside the trial driver (train.num_workers = 0)")
+        lines.append(f"per trial: {fmt(self.per_trial)}")
+        lines.append(f"concurrent trials: {self.concurrency} ({'; '.join(self.limits)})")
+        return lines
+
+
+def plan_trials(study: StudyFile, base: RunConfig, cluster: dict[str, float]) -> TrialPlan:
+    """`cluster`: total resources (`ray.cluster_resources()`, or this machine's for --dry-run)."""
+    t, s = base.train, study.study
+    use_gpu = t.use_gpu if t.use_gpu is not None else cluster.get("GPU", 0) > 0
+    gpu = {"GPU": 1.0} if use_gpu else {}
+    if t.num_workers == 0:
+        driver = {"CPU": max(t.cpus_per_worker, s.driver_cpus), **gpu, **s.driver_resources}
+        worker: dict = {}
+    else:
+        driver = {"CPU": s.driver_cpus, **s.driver_resources}
+        worker = {"CPU": t.cpus_per_worker, **gpu}
+    plan = TrialPlan(driver, worker, t.num_workers, use_gpu, 1)
+    limits = [f"study.num_trials = {s.num_trials}"]
+    fits = s.num_trials
+    for key, need in plan.per_trial.items():
+        if need > 0:
+            have = cluster.get(key, 0)
+            n = math.floor(have / need + 1e-9)
+            limits.append(f"{have:g} {key} / {need:g} per trial = {n}")
+            fits = min(fits, n)
+    if s.max_concurrent:
+        limits = [f"study.max_concurrent = {s.max_concurrent}"]
+        fits = min(s.max_concurrent, s.num_trials)
+    plan.concurrency = max(1, fits)
+    plan.limits = limits
+    return plan

@@ -1,0 +1,171 @@
+"""The study report: a table per method (mean and std over seeds of test accuracy and ECE), the Pareto
+front of the search, and reliability diagrams, written into the study folder.
+
+Files: `report.md`, `report.csv`, `trials.csv` (every completed search trial), `pareto.png`,
+`reliability.png`. Standard deviations are sample standard deviations (ddof=1; 0 for one seed).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+from ia2ray.fileio import write_text_atomic
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return mean, std
+
+
+def describe_params(params: dict) -> str:
+    return ", ".join(f"{k}={json.dumps(v) if not isinstance(v, float) else f'{v:.3g}'}" for k, v in params.items())
+
+
+def load_confirm_runs(study_dir: Path, rows: list[dict]) -> dict[str, list[dict]]:
+    """label -> the summaries of its confirmation runs (in seed order)."""
+    from ia2ray.study.trial import run_name
+
+    out: dict[str, list[dict]] = {}
+    for row in rows:
+        path = study_dir / "runs" / run_name(row["label"], row["seed"]) / "summary.json"
+        if path.is_file():
+            out.setdefault(row["label"], []).append(json.loads(path.read_text()))
+    return out
+
+
+def summarise(runs: dict[str, list[dict]]) -> list[dict]:
+    """One row per method: seeds, mean/std of test and val acc/ECE, the params."""
+    table = []
+    for label, summaries in runs.items():
+        row = {"method": label, "params": describe_params(summaries[0].get("params", {})),
+               "seeds": " ".join(str(s["seed"]) for s in summaries), "n_seeds": len(summaries)}
+        for split in ("test", "val"):
+            for key in ("acc", "ece"):
+                values = [s[split][key] for s in summaries if s[split].get(key) is not None]
+                if values:
+                    row[f"{split}_{key}_mean"], row[f"{split}_{key}_std"] = _mean_std(values)
+        table.append(row)
+    return table
+
+
+COLUMNS = ["method", "n_seeds", "seeds", "test_acc_mean", "test_acc_std", "test_ece_mean", "test_ece_std",
+           "val_acc_mean", "val_acc_std", "val_ece_mean", "val_ece_std", "params"]
+
+
+def table_csv(table: list[dict]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for row in table:
+        writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
+    return buf.getvalue()
+
+
+def _cell(row: dict, split: str, key: str) -> str:
+    if f"{split}_{key}_mean" not in row:
+        return "-"
+    return f"{row[f'{split}_{key}_mean']:.4f} ± {row[f'{split}_{key}_std']:.4f}"
+
+
+def table_markdown(table: list[dict], ece_scheme: str) -> str:
+    lines = [f"| method | seeds | test acc | test ECE ({ece_scheme}) | val acc | val ECE | config |",
+             "|---|---|---|---|---|---|---|"]
+    for r in table:
+        lines.append(f"| {r['method']} | {r['seeds']} | {_cell(r, 'test', 'acc')} | {_cell(r, 'test', 'ece')} | "
+                     f"{_cell(r, 'val', 'acc')} | {_cell(r, 'val', 'ece')} | {r['params'] or 'defaults'} |")
+    return "\n".join(lines) + "\n"
+
+
+def trials_csv(trials: list[dict], metrics: list[str]) -> str:
+    keys = sorted({k for t in trials for k in t["params"]})
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["optuna_trial", *metrics, *keys])
+    for t in trials:
+        writer.writerow([t["number"], *t["values"], *[json.dumps(t["params"].get(k)) for k in keys]])
+    return buf.getvalue()
+
+
+def plot_pareto(trials: list[dict], front: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.scatter([t["values"][1] for t in trials], [t["values"][0] for t in trials], c="0.6", label="trials")
+    pts = sorted((f["values"]["val/ece"], f["values"]["val/acc"]) for f in front)
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", c="C3", label="Pareto front")
+    ax.set_xlabel("validation ECE (lower is better)")
+    ax.set_ylabel("validation accuracy")
+    ax.legend()
+    ax.set_title("search: accuracy vs calibration")
+    _save(fig, path)
+
+
+def plot_reliability(runs: dict[str, list[dict]], path: Path) -> None:
+    """One panel per method: test-split reliability bins of each seed against the diagonal."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [m for m, s in runs.items() if any("reliability" in r["test"] for r in s)]
+    if not methods:
+        return
+    fig, axes = plt.subplots(1, len(methods), figsize=(3 * len(methods), 3.2), squeeze=False)
+    for ax, method in zip(axes[0], methods):
+        ax.plot([0, 1], [0, 1], "--", c="0.5", lw=1)
+        for run in runs[method]:
+            bins = run["test"].get("reliability") or []
+            ax.plot([b["conf"] for b in bins], [b["acc"] for b in bins], "o", ms=4, alpha=0.7, label=f"seed {run['seed']}")
+        ax.set_title(method, fontsize=9)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("confidence")
+    axes[0][0].set_ylabel("accuracy")
+    axes[0][0].legend(fontsize=7)
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(path)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def write_report(study_dir: Path, name: str, study_lines: list[str], rows: list[dict], trials: list[dict],
+                 front: list[dict], metrics: list[str], ece_scheme: str) -> tuple[str, list[dict]]:
+    """Write report.md/csv, trials.csv and the plots; returns (markdown table, table rows)."""
+    runs = load_confirm_runs(study_dir, rows)
+    table = summarise(runs)
+    md_table = table_markdown(table, ece_scheme)
+    write_text_atomic(study_dir / "report.csv", table_csv(table))
+    write_text_atomic(study_dir / "trials.csv", trials_csv(trials, metrics))
+    has_pareto = metrics[:2] == ["val/acc", "val/ece"]
+    if has_pareto and trials:
+        plot_pareto(trials, front, study_dir / "pareto.png")
+    plot_reliability(runs, study_dir / "reliability.png")
+    front_lines = [f"- best-{i}: " + ", ".join(f"{m} {v:.4f}" for m, v in f["values"].items())
+                   + f" ({describe_params(f['params'])})" for i, f in enumerate(front, start=1)]
+    text = "\n".join([
+        f"# Study {name}", "", *study_lines, "",
+        "## Confirmation on the test split (mean ± std over seeds)", "", md_table,
+        "Selection used only the validation split; the test split was evaluated only here.", "",
+        f"## Search: {len(trials)} completed trials; selected configs ({metrics and ', '.join(metrics)})", "",
+        *(front_lines or ["(none)"]), "",
+        *(["![Pareto front](pareto.png)", ""] if has_pareto and trials else []),
+        "![Reliability diagrams (test split)](reliability.png)", "",
+    ])
+    write_text_atomic(study_dir / "report.md", text)
+    return md_table, table

@@ -1,0 +1,98 @@
+"""The search: a Ray Tune experiment (`<study>/search`) driven by Optuna through `OptunaSearch`.
+
+Optuna's study lives in `<study>/optuna.db` (SQLite) under the study's name, so the Pareto front can be
+queried with plain Optuna and survives restarts. `--resume` restores the Tune experiment: finished
+trials are kept, unfinished ones run again under the same trial id (their Ray Train runs resume from
+the last checkpoint), and the searcher keeps its history.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ia2ray.config.schema import StudyFile
+from ia2ray.study.plan import TrialPlan
+from ia2ray.study.space import decode_point, optuna_space
+from ia2ray.study.trial import TrialContext, objectives, search_trial
+
+log = logging.getLogger(__name__)
+
+
+def optuna_url(study_dir: Path) -> str:
+    return f"sqlite:///{study_dir / 'optuna.db'}"
+
+
+def trial_dirname(trial) -> str:
+    return f"trial-{trial.trial_id}"
+
+
+def make_searcher(study: StudyFile, study_dir: Path, has_ece: bool):
+    import optuna
+    from optuna.storages import RDBStorage
+    from ray.tune.search.optuna import OptunaSearch
+
+    samplers = {"tpe": lambda: optuna.samplers.TPESampler(seed=study.study.seed),
+                "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=study.study.seed),
+                "random": lambda: optuna.samplers.RandomSampler(seed=study.study.seed)}
+    pairs = objectives(study, has_ece)
+    metric, mode = [m for m, _ in pairs], [d for _, d in pairs]
+    if len(pairs) == 1:
+        metric, mode = metric[0], mode[0]
+    return OptunaSearch(space=optuna_space(study), metric=metric, mode=mode, sampler=samplers[study.study.sampler](),
+                        storage=RDBStorage(optuna_url(study_dir)), study_name=study.name)
+
+
+def run_search(study: StudyFile, ctx: TrialContext, plan: TrialPlan, has_ece: bool, resume: bool):
+    """Run (or resume) the search; returns Tune's ResultGrid."""
+    from ray import tune
+
+    study_dir = Path(ctx.study_dir)
+    path = study_dir / "search"
+    trainable = tune.with_resources(tune.with_parameters(search_trial, ctx=ctx), plan.pg_factory())
+    return fit_experiment(path, trainable, resume, lambda: tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=make_searcher(study, study_dir, has_ece), num_samples=study.study.num_trials,
+            max_concurrent_trials=plan.concurrency, reuse_actors=True,
+            time_budget_s=study.study.time_budget_s, trial_dirname_creator=trial_dirname),
+        run_config=tune.RunConfig(name=path.name, storage_path=str(study_dir), verbose=1,
+                                  failure_config=tune.FailureConfig(max_failures=0)),
+    ))
+
+
+def fit_experiment(path: Path, trainable, resume: bool, new_tuner):
+    """Restore the Tune experiment at `path` with --resume when it exists (finished trials kept,
+    unfinished ones run again, errored ones left as they are), else start `new_tuner()`; run it."""
+    from ray import tune
+
+    if resume and tune.Tuner.can_restore(str(path)):
+        log.info("resuming %s", path)
+        tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=False)
+    else:
+        tuner = new_tuner()
+    return tuner.fit()
+
+
+def pareto_front(study: StudyFile, study_dir: Path, has_ece: bool) -> list[dict]:
+    """Completed Optuna trials on the Pareto front (or by the scalar objective), best first:
+    [{"number", "params" (config values), "values": {metric: value}}]."""
+    import optuna
+
+    ot = optuna.load_study(study_name=study.name, storage=optuna_url(study_dir))
+    pairs = objectives(study, has_ece)
+    best = ot.best_trials if len(pairs) > 1 else [t for t in ot.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    rows = [{"number": t.number, "params": decode_point(study, t.params),
+             "values": {m: v for (m, _), v in zip(pairs, t.values)}} for t in best]
+    first, sign = pairs[0][0], -1 if pairs[0][1] == "max" else 1
+    rows.sort(key=lambda r: (sign * r["values"][first], r["number"]))
+    return rows
+
+
+def completed_trials(study: StudyFile, study_dir: Path) -> list[dict]:
+    """Every completed Optuna trial with its params and values (for the Pareto plot and trials.csv)."""
+    import optuna
+
+    ot = optuna.load_study(study_name=study.name, storage=optuna_url(study_dir))
+    return [{"number": t.number, "params": decode_point(study, t.params), "values": list(t.values)}
+            for t in ot.trials if t.state == optuna.trial.TrialState.COMPLETE]

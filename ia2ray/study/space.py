@@ -1,0 +1,107 @@
+"""The search space of a study file: validation of every candidate, Optuna distributions, and the
+mapping from a sampled point back to a run config.
+
+Optuna's categorical choices must be None/bool/int/float/str, so a non-scalar choice (an explicit
+layer list such as `[0, 2]`, a list of layer weights, a list of LoRA targets) is presented to Optuna
+as its JSON text and decoded again in the trial.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import ValidationError
+
+from ia2ray.config.load import ConfigError, _format_errors, set_dotted, study_defaults
+from ia2ray.config.schema import RunConfig, SearchParam, StudyFile
+
+SCALARS = (type(None), bool, int, float, str)
+
+
+def encode_choice(value: Any) -> Any:
+    return value if isinstance(value, SCALARS) else json.dumps(value)
+
+
+def decode_choice(param: SearchParam, value: Any) -> Any:
+    for original in param.values or []:
+        if encode_choice(original) == value:
+            return original
+    return value
+
+
+def candidates(param: SearchParam) -> list[tuple[str, Any]]:
+    """(label, value) pairs that bound the parameter: every choice, or both ends of a range."""
+    if param.kind == "choice":
+        return [(f"values[{i}]", v) for i, v in enumerate(param.values)]
+    cast = int if param.kind == "int" else float
+    return [("low", cast(param.low)), ("high", cast(param.high))]
+
+
+def check_space(study: StudyFile, where: dict | None = None, source: str = "study") -> RunConfig:
+    """Validate the space: non-empty, integer bounds for `int`, and every candidate value (each choice,
+    both range ends, the default) accepted by the run config with all other parameters at their
+    defaults. Returns the base run config (searched parameters at their defaults); raises
+    ConfigError naming `search.params.<key>.<field>` for every problem."""
+    where = where or {}
+    base = study_defaults(study, where, source)  # unknown keys and bad defaults are reported here
+    errors = []
+    if not study.search.params:
+        errors.append("search.params: the search space is empty (a study needs at least one searched parameter)")
+    base_tree = base.model_dump(mode="json")
+    for key, param in study.search.params.items():
+        if param.kind == "int" and (param.low != int(param.low) or param.high != int(param.high)):
+            errors.append(f"search.params.{key}: an int parameter needs integer `low` and `high` "
+                          f"(got {param.low}, {param.high})")
+            continue
+        for label, value in candidates(param):
+            tree = json.loads(json.dumps(base_tree))
+            set_dotted(tree, key, value)
+            try:
+                RunConfig.model_validate(tree)
+            except ValidationError as exc:
+                for msg in _format_errors(exc, {}):
+                    errors.append(f"search.params.{key}.{label} = {value!r}: {msg}")
+    if errors:
+        raise ConfigError(errors, source)
+    return base
+
+
+def optuna_space(study: StudyFile) -> dict:
+    """Dotted key -> Optuna distribution."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    space = {}
+    for key, p in study.search.params.items():
+        if p.kind == "choice":
+            space[key] = CategoricalDistribution([encode_choice(v) for v in p.values])
+        elif p.kind == "int":
+            space[key] = IntDistribution(int(p.low), int(p.high))
+        else:
+            space[key] = FloatDistribution(p.low, p.high, log=p.kind == "loguniform")
+    return space
+
+
+def decode_point(study: StudyFile, point: dict) -> dict[str, Any]:
+    """A sampled point (dotted key -> Optuna value) -> dotted key -> config value."""
+    params = study.search.params
+    return {k: decode_choice(params[k], v) if params[k].kind == "choice" else v
+            for k, v in point.items() if k in params}
+
+
+def apply_params(base: RunConfig, params: dict[str, Any], **updates: Any) -> RunConfig:
+    """`base` with searched values (dotted keys) and further dotted `updates` set; validated."""
+    tree = base.model_dump(mode="json")
+    for key, value in {**params, **updates}.items():
+        set_dotted(tree, key, value)
+    return RunConfig.model_validate(tree)
+
+
+def describe(study: StudyFile) -> list[str]:
+    """One line per searched parameter, for `--dry-run` and the report."""
+    lines = []
+    for key, p in study.search.params.items():
+        shown = (f"choice {json.dumps(p.values)}" if p.kind == "choice"
+                 else f"{p.kind} [{p.low:g}, {p.high:g}]")
+        lines.append(f"{key}: {shown} (default {json.dumps(p.default)})")
+    return lines

@@ -1,0 +1,80 @@
+"""Teacher capture before the trials: once per (model, task, N, seed, site) key, into the study's cache.
+
+Each needed key is captured by a Ray task (on a GPU when the cluster has one), all keys in parallel.
+Trials then run with `cached_teacher_only`, so a trial never runs the teacher itself: a study of any
+number of trials runs the teacher exactly once per key. Every capture is appended to
+`<study>/teacher.jsonl`, saying whether it was computed or found in the cache.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from ia2ray.config.schema import RunConfig, StudyFile
+from ia2ray.core.pipeline import PIPELINE_STAGES
+
+log = logging.getLogger(__name__)
+
+
+def needs_teacher(study: StudyFile, base: RunConfig) -> bool:
+    pipelines = {base.pipeline}
+    param = study.search.params.get("pipeline")
+    if param is not None and param.values:
+        pipelines.update(param.values)
+    pipelines.update(b for b in study.study.confirm.baselines if b != "icl")
+    return any(src == "teacher" for p in pipelines for _, _, src, _ in PIPELINE_STAGES[p])
+
+
+def teacher_variants(base: RunConfig, study: StudyFile) -> list[RunConfig]:
+    """One config per teacher key the study can need: every seed of the search and the confirmation,
+    every activation site in the space."""
+    if not needs_teacher(study, base):
+        return []
+    sites = {base.align.site}
+    param = study.search.params.get("align.site")
+    if param is not None and param.values:
+        sites.update(param.values)
+    seeds = dict.fromkeys([base.data.seed, *(study.study.confirm.seeds if study.study.confirm.top_k or
+                                             study.study.confirm.baselines else [])])
+    out = []
+    for seed in seeds:
+        for site in sorted(sites):
+            tree = base.model_dump(mode="json")
+            tree["data"]["seed"], tree["align"]["site"] = seed, site
+            out.append(RunConfig.model_validate(tree))
+    return out
+
+
+def _capture_one(cfg_json: dict) -> dict:
+    """Ray task body: load data and model, capture the teacher (or find it cached)."""
+    from ia2ray.core.model import load_model, resolve_device
+    from ia2ray.core.pipeline import capture_teacher, prepare_data
+
+    cfg = RunConfig.model_validate(cfg_json)
+    start = time.perf_counter()
+    data = prepare_data(cfg)
+    model, tokenizer = load_model(cfg.model, resolve_device(cfg.train.device))
+    teacher = capture_teacher(cfg, model, tokenizer, data, progress=False)
+    return {"key": teacher.key, "computed": not teacher.hit, "seed": cfg.data.seed, "site": cfg.align.site,
+            "task": cfg.task.name, "n": cfg.data.n, "prompts": len(teacher.records),
+            "seconds": round(time.perf_counter() - start, 2)}
+
+
+def capture_all(variants: list[RunConfig], study_dir: Path, use_gpu: bool) -> list[dict]:
+    """Capture every variant's teacher as parallel Ray tasks; append each outcome to teacher.jsonl."""
+    if not variants:
+        return []
+    import ray
+
+    task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0, max_retries=1)(_capture_one)
+    outcomes = ray.get([task.remote(v.model_dump(mode="json")) for v in variants])
+    with open(study_dir / "teacher.jsonl", "a") as fh:
+        for o in outcomes:
+            log.info("teacher capture %s: key %s (seed %d, site %s, %d prompts, %.1f s)",
+                     "computed" if o["computed"] else "cache hit", o["key"], o["seed"], o["site"], o["prompts"],
+                     o["seconds"])
+            fh.write(json.dumps({**o, "time": time.time()}) + "\n")
+    return outcomes

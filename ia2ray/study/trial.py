@@ -1,0 +1,118 @@
+"""The trial drivers: Ray Tune function trainables that run one configuration each.
+
+A search trial samples its parameters, trains through `ia2ray.core.pipeline.run_pipeline` (stages on
+Ray Train workers when `train.num_workers >= 1`, else in the trial's own process), evaluates on the
+validation split only and reports the objective once, at the end: Optuna sees only a trial's last
+report. A confirmation trial runs one (method, seed) row on the validation and test splits.
+
+Ray Train runs are named after the trial (`trial-<tune trial id>`, `confirm-<method>-s<seed>`), so a
+trial restarted by `--resume` resumes its Train run from the last complete checkpoint. Each run's
+summary and adapter go to `<study>/runs/<run name>/`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ia2ray.config.schema import RunConfig, StudyFile
+from ia2ray.fileio import atomic_dir, write_json_atomic
+from ia2ray.study.space import apply_params, decode_point
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrialContext:
+    """What every trial of a study shares (shipped to trials with `tune.with_parameters`)."""
+
+    study_dir: str
+    base: dict  # the run config every trial starts from (JSON), study paths filled in
+    study: dict  # the study file (JSON), for decoding sampled points and the objective
+
+
+def objectives(study: StudyFile, has_ece: bool) -> list[tuple[str, str]]:
+    """(metric, mode) pairs Optuna optimises."""
+    if study.study.objective == "scalar":
+        return [("objective", "max")]
+    return [("val/acc", "max"), ("val/ece", "min")] if has_ece else [("val/acc", "max")]
+
+
+def objective_metrics(summary: dict, study: StudyFile) -> dict:
+    """The trial's final report: val metrics and the scalar objective acc - lambda * ECE."""
+    val = summary["val"]
+    acc, ece = val["acc"], val.get("ece")
+    out = {"val/acc": acc, "objective": acc - study.study.ece_weight * (ece or 0.0)}
+    if ece is not None:
+        out["val/ece"] = ece
+    for key in ("nll", "brier"):
+        if val.get(key) is not None:
+            out[f"val/{key}"] = val[key]
+    return out
+
+
+def run_and_save(cfg: RunConfig, study_dir: str, splits: tuple[str, ...], extra: dict, icl: bool = False) -> dict:
+    """Train and evaluate `cfg` (teacher from the cache only), or with `icl` evaluate only the ICL
+    baseline; write summary.json (and adapter/) under `<study>/runs/<cfg.name>/`."""
+    from ia2ray.core.pipeline import prepare_data, run_icl, run_pipeline, train_in_process
+
+    start = time.perf_counter()
+    out = Path(study_dir) / "runs" / cfg.name
+    resolved = cfg.model_dump(mode="json")
+    done = out / "summary.json"
+    if done.is_file():  # a resumed trial whose run had finished: same config, same result
+        previous = json.loads(done.read_text())
+        if previous.get("config") == resolved:
+            log.info("run %s already finished; reusing %s", cfg.name, done)
+            return previous
+    if icl:
+        summary = run_icl(cfg, splits=splits)
+    else:
+        trainer = train_in_process
+        if cfg.train.num_workers >= 1:
+            from ia2ray.train.pipeline import train_with_ray
+
+            trainer = train_with_ray
+        outcome = run_pipeline(cfg, data=prepare_data(cfg), progress=False, train_stages=trainer, splits=splits,
+                               cached_teacher_only=True)
+        summary = outcome.summary
+        with atomic_dir(out / "adapter") as tmp:
+            outcome.model.save_pretrained(tmp)
+    summary.update(extra, seconds=round(time.perf_counter() - start, 3), config=resolved)
+    write_json_atomic(out / "summary.json", summary)
+    return summary
+
+
+def search_trial(config: dict, ctx: TrialContext) -> None:
+    """Tune function trainable of the search."""
+    from ray import tune
+
+    study = StudyFile.model_validate(ctx.study)
+    trial_id = tune.get_context().get_trial_id()
+    params = decode_point(study, config)
+    cfg = apply_params(RunConfig.model_validate(ctx.base), params, name=f"trial-{trial_id}",
+                       **{"eval.icl_baseline": False})
+    summary = run_and_save(cfg, ctx.study_dir, ("val",), {"trial_id": trial_id, "params": params, "phase": "search"})
+    tune.report(objective_metrics(summary, study))
+
+
+def run_name(label: str, seed: int) -> str:
+    return f"confirm-{re.sub(r'[^A-Za-z0-9]+', '-', label).strip('-')}-s{seed}"
+
+
+def confirm_trial(config: dict, ctx: TrialContext) -> None:
+    """Tune function trainable of the confirmation: one row `{label, icl, params, seed}` on the
+    validation and test splits."""
+    from ray import tune
+
+    row = config["row"]
+    cfg = apply_params(RunConfig.model_validate(ctx.base), row["params"], name=run_name(row["label"], row["seed"]),
+                       **{"data.seed": row["seed"], "eval.icl_baseline": row["icl"]})
+    summary = run_and_save(cfg, ctx.study_dir, ("val", "test"),
+                           {"label": row["label"], "params": row["params"], "phase": "confirm"}, icl=row["icl"])
+    tune.report({f"{split}/{key}": summary[split][key] for split in ("val", "test") for key in ("acc", "ece")
+                 if summary[split].get(key) is not None})

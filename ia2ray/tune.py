@@ -1,0 +1,60 @@
+"""`python -m ia2ray.tune`: an IA2 hyperparameter study with Ray Tune + Optuna.
+
+    python -m ia2ray.tune [--config FILE] [--set key=value ...] [--storage DIR] [--resume] [--dry-run]
+
+FILE is a study file (`search_spaces/*.yaml`); without --config the default study runs
+(`search_spaces/testbed.yaml`, the built-in testbed model). The study connects to the Ray cluster in
+RAY_ADDRESS (as under `ray job submit`) or starts a local one, captures the teacher once per key,
+searches with Optuna (val/acc up, val/ece down), confirms the best configs and the baselines on the
+test split over seeds, and writes `report.md` into `<storage>/<name>/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Optional
+
+from ia2ray.config import ConfigError, StudyFile
+from ia2ray.config.reference import cli_help
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ia2ray.tune", description=__doc__.split("\n\n")[0],
+                                     epilog=cli_help(StudyFile), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", metavar="FILE", help="study file (default: search_spaces/testbed.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a key, e.g. --set study.num_trials=8 (repeatable)")
+    parser.add_argument("--storage", metavar="DIR", help="parent folder of studies (default: study.storage)")
+    parser.add_argument("--resume", action="store_true", help="continue the interrupted study of the same name")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate, print the search space, trial count and resources per trial; start nothing")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    from ia2ray.study.driver import dry_run_lines, local_resources, prepare_study, run_study
+    from ia2ray.study.plan import plan_trials
+
+    try:
+        prepared = prepare_study(args.config, args.overrides, args.storage, args.resume)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        plan = plan_trials(prepared.study, prepared.base, local_resources())
+        print("\n".join(dry_run_lines(prepared, plan, "estimated from this machine; a cluster's own resources "
+                                      "decide at start")))
+        return 0
+    outcome = run_study(prepared, args.resume)
+    print(outcome["table"], end="")
+    for err in outcome["errors"]:
+        print(f"warning: {err}", file=sys.stderr)
+    print(f"report: {outcome['report']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,207 @@
+"""The study layer without a Ray cluster: the search space, bad input, --dry-run, resources, the
+Pareto front read from Optuna, and the report's arithmetic."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ia2ray.config import ConfigError, load_study_file
+from ia2ray.config.schema import RunConfig
+from ia2ray.study.driver import check_layers, prepare_study
+from ia2ray.study.plan import plan_trials
+from ia2ray.study.space import apply_params, check_space, decode_point, optuna_space
+from ia2ray.tune import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "search_spaces" / "smoke.yaml"
+# depths of the paper's models (config.json num_hidden_layers), for the paper-scale study files
+PAPER_DEPTHS = {"Qwen/Qwen3-4B-Base": 36, "meta-llama/Llama-3.2-1B": 16}
+
+
+def write_study(tmp_path, params: str, extra: str = "") -> Path:
+    path = tmp_path / "study.yaml"
+    path.write_text("name: t\nmodel:\n  path: builtin:tiny-llama\ntask:\n  name: toy/polarity\n"
+                    "data:\n  n: 4\n  val_size: 8\n  test_size: 8\n  train_pool: 64\n  eval_pool: 32\n"
+                    f"{extra}search:\n  params:\n{params}")
+    return path
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "search_spaces").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_study_validates(path, tmp_path):
+    study, where = load_study_file(path)
+    base = check_space(study, where, str(path))
+    assert study.search.params, "a shipped study searches something"
+    if base.model.path in PAPER_DEPTHS:  # hub models: no download here, check layers against the known depth
+        check_layers(study, PAPER_DEPTHS[base.model.path], str(path))
+        assert base.train.use_gpu and base.train.num_workers >= 1
+    else:
+        prepared = prepare_study(str(path), [], str(tmp_path / "studies"), resume=False)
+        assert prepared.has_ece and not (tmp_path / "studies").exists()
+
+
+def test_dry_run_prints_space_trials_and_resources_and_writes_nothing(tmp_path, capsys):
+    storage = tmp_path / "studies"
+    assert main(["--config", str(SMOKE), "--storage", str(storage), "--set", "study.num_trials=5", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "trials: 5" in out and "align.layers: choice" in out and 'lr.align: loguniform' in out
+    assert "Ray Train workers: 1 x (CPU=1)" in out and "concurrent trials:" in out
+    assert "teacher captures before the trials: 2" in out  # one seed x two sites
+    assert not storage.exists()
+
+
+@pytest.mark.parametrize("params, extra, overrides, expected", [
+    ("    lora.rnk: {kind: choice, values: [4]}\n", "", [], "search.params.lora.rnk: no such config key"),
+    ("    lora.rank: {kind: choice, values: [4]}\n", "study:\n  num_trails: 3\n", [], "study.num_trails: unknown key"),
+    ("    lora.rank: {kind: choice, values: [4, 0]}\n", "", [], "search.params.lora.rank.values[1] = 0"),
+    ("    lora.rank: {kind: choice, values: [4, 2.5]}\n", "", [], "search.params.lora.rank.values[1] = 2.5"),
+    ("    lora.rank: {kind: int, low: 2, high: 8.5}\n", "", [], "search.params.lora.rank: an int parameter needs"),
+    ("    align.layers: {kind: choice, values: [all, 'band:3:4']}\n", "", [],
+     "search.params.align.layers.values[1]"),
+    ("    align.layers: {kind: choice, values: [all, [0, 9]]}\n", "", [], "search.params.align.layers.values[1]"),
+    ("    lr.align: {kind: loguniform, low: 1.0e-4, high: 1.0e-2}\n", "", ["--set", "search.params={}"],
+     "search.params: the search space is empty"),
+])
+def test_bad_input_is_a_clear_error_before_anything_starts(tmp_path, capsys, params, extra, overrides, expected):
+    path = write_study(tmp_path, params, extra)
+    storage = tmp_path / "studies"
+    assert main(["--config", str(path), "--storage", str(storage), *overrides]) == 2
+    err = capsys.readouterr().err
+    assert expected in err, err
+    assert not storage.exists()
+
+
+def test_layer_errors_name_the_model_depth(tmp_path):
+    path = write_study(tmp_path, "    align.layers: {kind: choice, values: [all, 'band:3:4', [0, 9]]}\n")
+    with pytest.raises(ConfigError) as info:
+        prepare_study(str(path), [], str(tmp_path / "s"), resume=False)
+    assert "4 layers" in str(info.value) and len(info.value.errors) == 2
+
+
+def test_unreachable_storage_and_existing_study_are_refused(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert main(["--config", str(SMOKE), "--storage", str(blocker / "studies")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert main(["--config", str(SMOKE), "--storage", "s3://bucket/studies"]) == 2
+    assert "only local or mounted shared folders" in capsys.readouterr().err
+    existing = tmp_path / "studies" / "smoke"
+    existing.mkdir(parents=True)
+    (existing / "study.json").write_text("{}")
+    assert main(["--config", str(SMOKE), "--storage", str(tmp_path / "studies")]) == 2
+    assert "already exists" in capsys.readouterr().err and "--resume" in capsys.readouterr().err + "--resume"
+    assert main(["--config", str(SMOKE), "--storage", str(tmp_path / "other"), "--resume"]) == 2
+    assert "no study named 'smoke'" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_changed_study(tmp_path, capsys):
+    storage = tmp_path / "studies"
+    prepared = prepare_study(str(SMOKE), [], str(storage), resume=False)
+    prepared.study_dir.mkdir(parents=True)
+    (prepared.study_dir / "study.json").write_text(json.dumps({"study": prepared.study.model_dump(mode="json")}))
+    assert prepare_study(str(SMOKE), [], str(storage), resume=True).study == prepared.study
+    with pytest.raises(ConfigError) as info:
+        prepare_study(str(SMOKE), ["lora.alpha=4", "study.num_trials=9"], str(storage), resume=True)
+    assert [e.split(" differs")[0] for e in info.value.errors] == ["--resume: lora.alpha", "--resume: study.num_trials"]
+
+
+def test_list_choices_reach_optuna_as_text_and_come_back_as_lists(tmp_path):
+    study, where = load_study_file(SMOKE)
+    space = optuna_space(study)
+    assert space["align.layers"].choices == ("all", "band:0:2", "[1, 3]")
+    point = decode_point(study, {"align.layers": "[1, 3]", "lora.rank": 4, "lr.align": 0.002, "align.site": "residual"})
+    assert point["align.layers"] == [1, 3]
+    cfg = apply_params(check_space(study, where), point, name="x")
+    assert cfg.align.layers == [1, 3] and cfg.lora.rank == 4 and cfg.align.site == "residual" and cfg.name == "x"
+
+
+@pytest.mark.parametrize("train, study, cluster, driver, per_trial, concurrency", [
+    ({"num_workers": 1}, {}, {"CPU": 2}, {"CPU": 0}, {"CPU": 1}, 2),
+    ({"num_workers": 2}, {"num_trials": 16}, {"CPU": 7}, {"CPU": 0}, {"CPU": 2}, 3),
+    ({"num_workers": 2, "cpus_per_worker": 2}, {"driver_cpus": 0.5, "num_trials": 16}, {"CPU": 20}, {"CPU": 0.5},
+     {"CPU": 4.5}, 4),
+    ({"num_workers": 1}, {"num_trials": 16}, {"CPU": 64, "GPU": 8}, {"CPU": 0}, {"CPU": 1, "GPU": 1}, 8),
+    ({"num_workers": 0}, {"num_trials": 16}, {"CPU": 2}, {"CPU": 1}, {"CPU": 1}, 2),
+    ({"num_workers": 1}, {"max_concurrent": 5}, {"CPU": 2}, {"CPU": 0}, {"CPU": 1}, 5),
+    ({"num_workers": 1}, {"num_trials": 2}, {"CPU": 32}, {"CPU": 0}, {"CPU": 1}, 2),
+])
+def test_trial_resources_and_concurrency(train, study, cluster, driver, per_trial, concurrency):
+    from ia2ray.config.schema import StudyConfig, StudyFile
+
+    sf = StudyFile(train=train, study=StudyConfig(**study))
+    plan = plan_trials(sf, RunConfig(train=train), cluster)
+    assert {k: v for k, v in plan.driver.items()} == driver
+    assert {k: v for k, v in plan.per_trial.items() if v} == per_trial
+    assert plan.concurrency == concurrency
+
+
+def test_pareto_front_is_read_from_the_optuna_database(tmp_path):
+    import optuna
+
+    from ia2ray.study.search import completed_trials, optuna_url, pareto_front
+    from ia2ray.study.trial import objectives
+
+    study, _ = load_study_file(SMOKE)
+    space = optuna_space(study)
+    ot = optuna.create_study(study_name=study.name, storage=optuna_url(tmp_path), directions=["maximize", "minimize"])
+    points = [(0.9, 0.20, "all"), (0.8, 0.05, "[1, 3]"), (0.7, 0.10, "all"), (0.95, 0.30, "band:0:2")]
+    for acc, ece, layers in points:
+        params = {"align.layers": layers, "align.site": "attn_out", "lora.rank": 4, "lr.align": 1e-3}
+        ot.add_trial(optuna.trial.create_trial(params=params, distributions=space, values=[acc, ece]))
+    front = pareto_front(study, tmp_path, has_ece=True)
+    assert [f["values"]["val/acc"] for f in front] == [0.95, 0.9, 0.8]  # (0.7, 0.10) is dominated by (0.8, 0.05)
+    assert front[2]["params"]["align.layers"] == [1, 3]
+    assert len(completed_trials(study, tmp_path)) == 4
+    assert objectives(study, has_ece=False) == [("val/acc", "max")]
+
+
+def test_scalar_objective_is_acc_minus_lambda_ece():
+    from ia2ray.config.schema import StudyConfig, StudyFile
+    from ia2ray.study.trial import objective_metrics, objectives
+
+    sf = StudyFile(study=StudyConfig(objective="scalar", ece_weight=2.0))
+    m = objective_metrics({"val": {"acc": 0.75, "ece": 0.125, "nll": 0.5}}, sf)
+    assert m == {"val/acc": 0.75, "val/ece": 0.125, "objective": 0.5, "val/nll": 0.5}
+    assert objectives(sf, has_ece=True) == [("objective", "max")]
+
+
+def test_report_table_has_mean_and_sample_std_per_method(tmp_path):
+    from ia2ray.study.report import summarise, table_csv, table_markdown
+
+    runs = {"IA2 -> SFT": [{"seed": s, "params": {"pipeline": "ia2->sft"}, "test": {"acc": a, "ece": e},
+                            "val": {"acc": 0.5, "ece": 0.1}} for s, a, e in [(0, 0.5, 0.1), (1, 0.7, 0.3)]],
+            "ICL": [{"seed": 0, "params": {}, "test": {"acc": 0.6, "ece": 0.2}, "val": {"acc": 0.6, "ece": 0.2}}]}
+    table = summarise(runs)
+    assert table[0]["test_acc_mean"] == pytest.approx(0.6) and table[0]["test_acc_std"] == pytest.approx(0.1414213562)
+    assert table[0]["test_ece_mean"] == pytest.approx(0.2) and table[1]["test_acc_std"] == 0.0
+    csv_text = table_csv(table)
+    assert csv_text.splitlines()[1].startswith("IA2 -> SFT,2,0 1,0.600000,0.141421,0.200000,0.141421")
+    assert "| ICL | 0 | 0.6000 ± 0.0000 | 0.2000 ± 0.0000 |" in table_markdown(table, "equal_mass")
+
+
+def test_a_trial_never_runs_the_teacher_itself(tmp_path):
+    from ia2ray.config import load_run_config
+    from ia2ray.core.pipeline import TeacherNotCachedError, run_pipeline
+
+    cfg = load_run_config(SMOKE, [f"capture.cache_dir={tmp_path / 'empty'}", "train.num_workers=0",
+                                  "eval.icl_baseline=false"])
+    with pytest.raises(TeacherNotCachedError, match="not in the cache"):
+        run_pipeline(cfg, progress=False, splits=("val",), cached_teacher_only=True)
+    assert not list((tmp_path / "empty").rglob("manifest.json"))
+
+
+def test_scalar_study_ranks_completed_trials_by_the_objective(tmp_path):
+    import optuna
+
+    from ia2ray.study.search import optuna_url, pareto_front
+
+    study, _ = load_study_file(SMOKE, ["study.objective=scalar"])
+    space = optuna_space(study)
+    ot = optuna.create_study(study_name=study.name, storage=optuna_url(tmp_path), direction="maximize")
+    for value, rank in [(0.5, 4), (0.8, 8), (0.6, 4)]:
+        params = {"align.layers": "all", "align.site": "attn_out", "lora.rank": rank, "lr.align": 1e-3}
+        ot.add_trial(optuna.trial.create_trial(params=params, distributions=space, value=value))
+    front = pareto_front(study, tmp_path, has_ece=True)
+    assert [f["values"]["objective"] for f in front] == [0.8, 0.6, 0.5] and front[0]["params"]["lora.rank"] == 8

@@ -1,0 +1,100 @@
+"""`python -m ia2ray.tune` for real: the smoke study in a fresh process with its own local Ray cluster,
+killed mid-search (SIGKILL to the driver's process group) and continued with --resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "search_spaces" / "smoke.yaml"
+
+
+def tune_command(storage: Path, *extra: str) -> list[str]:
+    # longer align stages than the shipped smoke study, so the kill lands inside a trial's Train run
+    return [sys.executable, "-m", "ia2ray.tune", "--config", str(SMOKE), "--storage", str(storage),
+            "--set", "train.max_epochs=12", "--set", "train.patience=100", *extra]
+
+
+def start(cmd: list[str], log: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def test_smoke_study_killed_mid_search_then_resumed(tmp_path, tiny_checkpoints):
+    tiny_checkpoints("llama")  # built once for the session (builtin:tiny-llama)
+    storage = tmp_path / "studies"
+    study = storage / "smoke"
+    proc = start(tune_command(storage), tmp_path / "first.log")
+    # kill once a trial has finished and another has a complete checkpoint but no result yet
+    deadline, killed_run = time.time() + 400, None
+    while time.time() < deadline and proc.poll() is None:
+        done = {p.parent.name for p in study.glob("runs/trial-*/summary.json")}
+        ckpts = [p.parent for p in study.glob("train/trial-*/ckpt-*/COMPLETE.json")]
+        running = {c.parent.name for c in ckpts} - done - {c.parent.name for c in ckpts if c.name.endswith("sft-end")}
+        if done and running:
+            killed_run = sorted(running)[0]
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+    assert killed_run, "no trial was caught between a checkpoint and its result"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished_before = {p.parent.name: p.stat().st_mtime_ns for p in study.glob("runs/trial-*/summary.json")}
+    time.sleep(2)
+
+    resumed = start(tune_command(storage, "--resume"), tmp_path / "resume.log")
+    assert resumed.wait(timeout=600) == 0, (tmp_path / "resume.log").read_text()[-4000:]
+    log = (tmp_path / "resume.log").read_text()
+
+    # finished trials were kept (not run again), the interrupted one resumed from its checkpoint
+    for name, mtime in finished_before.items():
+        assert (study / "runs" / name / "summary.json").stat().st_mtime_ns == mtime
+    assert f"/train/{killed_run}/ckpt-" in log and "resuming from" in log
+    # exactly the budgeted trials, each with one run; Optuna kept its history across the restart
+    import optuna
+
+    ot = optuna.load_study(study_name="smoke", storage=f"sqlite:///{study / 'optuna.db'}")
+    complete = [t for t in ot.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 3 and len(ot.trials) == 3
+    trial_runs = sorted(p.parent.name for p in study.glob("runs/trial-*/summary.json"))
+    assert len(trial_runs) == 3 and killed_run in trial_runs
+    # selection never looked at the test split
+    for name in trial_runs:
+        summary = json.loads((study / "runs" / name / "summary.json").read_text())
+        assert "test" not in summary and "val" in summary and summary["phase"] == "search"
+
+    # the teacher ran once per key (1 seed x 2 sites), before the trials; the resume only found it cached
+    events = [json.loads(line) for line in (study / "teacher.jsonl").read_text().splitlines()]
+    computed = [e for e in events if e["computed"]]
+    assert sorted(e["site"] for e in computed) == ["attn_out", "residual"]
+    assert len({e["key"] for e in events}) == 2 and len(events) == 4
+    assert len(list((study / "activations").rglob("manifest.json"))) == 2
+
+    # confirmation + report: baselines and the best config on the test split
+    with open(study / "report.csv") as fh:
+        rows = {r["method"]: r for r in csv.DictReader(fh)}
+    assert set(rows) == {"ICL", "IA2 -> SFT", "best-1"}
+    for r in rows.values():
+        assert 0.0 <= float(r["test_acc_mean"]) <= 1.0 and 0.0 <= float(r["test_ece_mean"]) <= 1.0
+    report = (study / "report.md").read_text()
+    assert "| best-1 | 0 |" in report and "Pareto front" in report
+    for png in ("pareto.png", "reliability.png"):
+        assert (study / png).read_bytes()[:4] == b"\x89PNG"
+    assert "report: " + str(study / "report.md") in log and "| ICL | 0 |" in log
+
+
+@pytest.mark.slow
+def test_default_study_dry_run_in_a_fresh_process():
+    out = subprocess.run([sys.executable, "-m", "ia2ray.tune", "--dry-run"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "study testbed" in out.stdout and "trials: 12" in out.stdout
