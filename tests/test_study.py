@@ -61,6 +61,7 @@ def test_dry_run_prints_space_trials_and_resources_and_writes_nothing(tmp_path, 
     ("    align.layers: {kind: choice, values: [all, 'band:3:4']}\n", "", [],
      "search.params.align.layers.values[1]"),
     ("    align.layers: {kind: choice, values: [all, [0, 9]]}\n", "", [], "search.params.align.layers.values[1]"),
+    ("    data.n: {kind: choice, values: [4, 8]}\n", "", [], "search.params.data.n: not searchable"),
     ("    lr.align: {kind: loguniform, low: 1.0e-4, high: 1.0e-2}\n", "", ["--set", "search.params={}"],
      "search.params: the search space is empty"),
 ])

@@ -98,3 +98,27 @@ def test_default_study_dry_run_in_a_fresh_process():
     out = subprocess.run([sys.executable, "-m", "ia2ray.tune", "--dry-run"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "study testbed" in out.stdout and "trials: 12" in out.stdout
+
+
+def test_failing_trials_are_reported_and_the_scalar_study_still_finishes(ray_cluster, tmp_path, capsys):
+    """In-process training (`train.num_workers=0`), the scalar objective, and trials that fail: a
+    learning rate of 1e30 makes the align loss non-finite, so those trials error, Optuna records them
+    as failed, and the study goes on with the others."""
+    import optuna
+
+    from ia2ray.tune import main
+
+    storage = tmp_path / "studies"
+    sets = ["train.num_workers=0", "study.objective=scalar", "study.sampler=random", "study.num_trials=6",
+            "search.params={lr.align: {kind: choice, values: [1.0e-3, 1.0e+30]}}"]
+    assert main(["--config", str(SMOKE), "--storage", str(storage), *[a for s in sets for a in ("--set", s)]]) == 0
+    out = capsys.readouterr()
+    ot = optuna.load_study(study_name="smoke", storage=f"sqlite:///{storage / 'smoke' / 'optuna.db'}")
+    states = {t.number: (t.state, t.params["lr.align"]) for t in ot.trials}
+    failed = [lr for state, lr in states.values() if state == optuna.trial.TrialState.FAIL]
+    complete = [lr for state, lr in states.values() if state == optuna.trial.TrialState.COMPLETE]
+    assert len(states) == 6 and failed and complete
+    assert set(failed) == {1e30} and set(complete) == {1e-3}
+    assert out.err.count("warning: trial") == len(failed) and "NonFiniteLossError" in out.err
+    assert "| best-1 | 0 |" in (storage / "smoke" / "report.md").read_text()
+    assert not (storage / "smoke" / "pareto.png").exists()  # one objective: no Pareto plot

@@ -18,6 +18,11 @@ from ia2ray.config.schema import RunConfig, SearchParam, StudyFile
 
 SCALARS = (type(None), bool, int, float, str)
 
+# keys a study may not search: they change the data split, the teacher (captured once per key before
+# the trials), what the objective measures, or where and on what a trial runs
+NOT_SEARCHABLE = ("name", "model.", "task.", "data.", "capture.", "eval.", "output.", "align.max_new_tokens",
+                  "train.num_workers", "train.use_gpu", "train.cpus_per_worker", "train.storage", "train.device")
+
 
 def encode_choice(value: Any) -> Any:
     return value if isinstance(value, SCALARS) else json.dumps(value)
@@ -50,6 +55,10 @@ def check_space(study: StudyFile, where: dict | None = None, source: str = "stud
         errors.append("search.params: the search space is empty (a study needs at least one searched parameter)")
     base_tree = base.model_dump(mode="json")
     for key, param in study.search.params.items():
+        if key in NOT_SEARCHABLE or key.startswith(tuple(k for k in NOT_SEARCHABLE if k.endswith("."))):
+            errors.append(f"search.params.{key}: not searchable (data, teacher, evaluation and resource keys are "
+                          "fixed for a whole study)")
+            continue
         if param.kind == "int" and (param.low != int(param.low) or param.high != int(param.high)):
             errors.append(f"search.params.{key}: an int parameter needs integer `low` and `high` "
                           f"(got {param.low}, {param.high})")
