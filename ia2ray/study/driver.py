@@ -25,7 +25,6 @@ from ia2ray.study.trial import TrialContext, objectives
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class PreparedStudy:
     study: StudyFile
