@@ -88,6 +88,13 @@ def test_unreachable_storage_and_existing_study_are_refused(tmp_path, capsys):
     assert "is a file, not a folder" in capsys.readouterr().err
     assert main(["--config", str(SMOKE), "--storage", "s3://bucket/studies"]) == 2
     assert "only local or mounted shared folders" in capsys.readouterr().err
+    # under `ray job submit --working-dir .` (the variable Ray's job supervisor sets for the entrypoint)
+    job = json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_0.zip"}, "metadata": {}})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", job)
+        assert main(["--config", str(SMOKE), "--storage", "studies", "--dry-run"]) == 2
+        assert "a relative path inside a Ray job" in capsys.readouterr().err
+        assert main(["--config", str(SMOKE), "--storage", str(tmp_path / "abs"), "--dry-run"]) == 0
     existing = tmp_path / "studies" / "smoke"
     existing.mkdir(parents=True)
     (existing / "study.json").write_text("{}")

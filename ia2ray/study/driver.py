@@ -44,6 +44,9 @@ def check_storage(storage: str) -> list[str]:
     if "://" in storage:
         return [f"--storage / study.storage = {storage!r}: only local or mounted shared folders are supported by "
                 "this version (the Optuna database and the teacher cache need a file system)"]
+    if not Path(storage).expanduser().is_absolute() and _job_working_dir():
+        return [f"--storage / study.storage = {storage!r}: a relative path inside a Ray job with a working_dir "
+                "would put the study in the job's temporary copy of that folder; give an absolute path"]
     p = Path(storage).expanduser().resolve()
     probe = p
     while not probe.exists():
@@ -53,6 +56,12 @@ def check_storage(storage: str) -> list[str]:
     if not os.access(probe, os.W_OK | os.X_OK):
         return [f"--storage / study.storage = {storage!r}: {probe} is not writable"]
     return []
+
+
+def _job_working_dir() -> Optional[str]:
+    """The working_dir of the Ray job this process is the entrypoint of (`ray job submit`), if any."""
+    job = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    return (json.loads(job).get("runtime_env") or {}).get("working_dir") if job else None
 
 
 def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
