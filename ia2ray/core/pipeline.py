@@ -44,6 +44,11 @@ PIPELINE_STAGES = {
 }
 
 
+def uses_teacher(pipeline: str) -> bool:
+    """Whether any stage of `pipeline` trains on the teacher's responses or activations."""
+    return any(src == "teacher" for _, _, src, _ in PIPELINE_STAGES[pipeline])
+
+
 @dataclass
 class RunOutcome:
     summary: dict  # JSON-ready: val/test metrics, ICL baseline, stage results
@@ -239,13 +244,12 @@ def run_pipeline(cfg: RunConfig, *, data: Optional[RunData] = None, progress: bo
     clock.append(time.perf_counter())
     layers = resolve_layers(cfg.align.layers, num_layers(model))
 
-    summary: dict = {"name": cfg.name, "pipeline": cfg.pipeline, "task": spec.name, "n": cfg.data.n,
-                     "seed": cfg.data.seed, "aligned_layers": layers, "ece_scheme": cfg.eval.ece_scheme}
+    summary = summary_head(cfg, spec, cfg.pipeline) | {"aligned_layers": layers}
     if cfg.eval.icl_baseline:
         summary["icl"] = icl_metrics(cfg, model, tokenizer, data, splits, device)
 
     teacher = None
-    if any(src == "teacher" for _, _, src, _ in PIPELINE_STAGES[cfg.pipeline]):
+    if uses_teacher(cfg.pipeline):
         teacher = capture_teacher(cfg, model, tokenizer, data, progress, cached_only=cached_teacher_only)
     stages = stage_work(cfg, tokenizer, data, layers, teacher)
     clock.append(time.perf_counter())
@@ -277,7 +281,10 @@ def run_icl(cfg: RunConfig, *, data: Optional[RunData] = None, splits: tuple[str
         raise ValueError("run_icl needs eval.icl_baseline: true")
     device = resolve_device(cfg.train.device)
     model, tokenizer = load_model(cfg.model, device)
-    summary = {"name": cfg.name, "pipeline": "icl", "task": data.spec.name, "n": cfg.data.n, "seed": cfg.data.seed,
-               "ece_scheme": cfg.eval.ece_scheme}
-    summary.update(icl_metrics(cfg, model, tokenizer, data, splits, device))
-    return summary
+    return summary_head(cfg, data.spec, "icl") | icl_metrics(cfg, model, tokenizer, data, splits, device)
+
+
+def summary_head(cfg: RunConfig, spec: TaskSpec, pipeline: str) -> dict:
+    """The fields that identify a run in its summary."""
+    return {"name": cfg.name, "pipeline": pipeline, "task": spec.name, "n": cfg.data.n, "seed": cfg.data.seed,
+            "ece_scheme": cfg.eval.ece_scheme}

@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 from ia2ray.config.schema import RunConfig, StudyFile
-from ia2ray.core.pipeline import PIPELINE_STAGES
+from ia2ray.core.pipeline import uses_teacher
+from ia2ray.study.space import apply_params
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ def needs_teacher(study: StudyFile, base: RunConfig) -> bool:
     if param is not None and param.values:
         pipelines.update(param.values)
     pipelines.update(b for b in study.study.confirm.baselines if b != "icl")
-    return any(src == "teacher" for p in pipelines for _, _, src, _ in PIPELINE_STAGES[p])
+    return any(uses_teacher(p) for p in pipelines)
 
 
 def teacher_variants(base: RunConfig, study: StudyFile) -> list[RunConfig]:
@@ -39,13 +40,7 @@ def teacher_variants(base: RunConfig, study: StudyFile) -> list[RunConfig]:
         sites.update(param.values)
     seeds = dict.fromkeys([base.data.seed, *(study.study.confirm.seeds if study.study.confirm.top_k or
                                              study.study.confirm.baselines else [])])
-    out = []
-    for seed in seeds:
-        for site in sorted(sites):
-            tree = base.model_dump(mode="json")
-            tree["data"]["seed"], tree["align"]["site"] = seed, site
-            out.append(RunConfig.model_validate(tree))
-    return out
+    return [apply_params(base, {}, **{"data.seed": seed, "align.site": site}) for seed in seeds for site in sorted(sites)]
 
 
 def _capture_one(cfg_json: dict) -> dict:
