@@ -47,8 +47,8 @@ def trial_split(summary: dict) -> dict:
             "overhead_s": summary["seconds"] - compute}
 
 
-def run_study(config: str | None, storage: Path, sets: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "ia2ray.tune", "--storage", str(storage)]
+def run_study(config: str | None, storage: Path, sets: list[str], extra: tuple[str, ...] = ()) -> dict:
+    cmd = [sys.executable, "-m", "ia2ray.tune", "--storage", str(storage), *extra]
     cmd += ["--config", config] if config else []
     for s in sets:
         cmd += ["--set", s]
@@ -58,7 +58,7 @@ def run_study(config: str | None, storage: Path, sets: list[str]) -> dict:
     wall = time.perf_counter() - start
     if out.returncode != 0:
         raise SystemExit(f"study failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-    study_dir = next(p for p in storage.iterdir() if p.is_dir())
+    study_dir = next(p.parent for p in storage.glob("*/study.json"))
     timings = json.loads((study_dir / "timings.json").read_text())
     trials = [json.loads(p.read_text()) for p in sorted(study_dir.glob("runs/trial-*/summary.json"))]
     splits = [trial_split(t) for t in trials]

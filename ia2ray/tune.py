@@ -1,12 +1,14 @@
 """`python -m ia2ray.tune`: an IA2 hyperparameter study with Ray Tune + Optuna.
 
-    python -m ia2ray.tune [--config FILE] [--set key=value ...] [--storage DIR] [--resume] [--dry-run]
+    python -m ia2ray.tune [--config FILE] [--set key=value ...] [--storage DIR] [--tracking-uri URI]
+                          [--resume] [--dry-run]
 
 FILE is a study file (`search_spaces/*.yaml`); without --config the default study runs
 (`search_spaces/testbed.yaml`, the built-in testbed model). The study connects to the Ray cluster in
 RAY_ADDRESS (as under `ray job submit`) or starts a local one, captures the teacher once per key,
 searches with Optuna (val/acc up, val/ece down), confirms the best configs and the baselines on the
-test split over seeds, and writes `report.md` into `<storage>/<name>/`.
+test split over seeds, and writes `report.md` into `<storage>/<name>/`. MLflow gets one run per study
+with a nested run per trial (see `ia2ray.study.track`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key, e.g. --set study.num_trials=8 (repeatable)")
     parser.add_argument("--storage", metavar="DIR", help="parent folder of studies (default: study.storage)")
+    parser.add_argument("--tracking-uri", metavar="URI",
+                        help="MLflow tracking URI (default: study.tracking_uri, $MLFLOW_TRACKING_URI, else "
+                             "sqlite:///<storage>/mlflow.db); `none` turns tracking off")
     parser.add_argument("--resume", action="store_true", help="continue the interrupted study of the same name")
     parser.add_argument("--dry-run", action="store_true",
                         help="validate, print the search space, trial count and resources per trial; start nothing")
@@ -37,9 +42,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     hf_logging.disable_progress_bar()
     from ia2ray.study.driver import dry_run_lines, local_resources, prepare_study, run_study
     from ia2ray.study.plan import plan_trials
+    from ia2ray.tracking import TrackingError
 
     try:
-        prepared = prepare_study(args.config, args.overrides, args.storage, args.resume)
+        prepared = prepare_study(args.config, args.overrides, args.storage, args.resume, args.tracking_uri)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -48,10 +54,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("\n".join(dry_run_lines(prepared, plan, "estimated from this machine; a cluster's own resources "
                                       "decide at start")))
         return 0
-    outcome = run_study(prepared, args.resume)
+    try:
+        outcome = run_study(prepared, args.resume)
+    except (ConfigError, TrackingError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(outcome["table"], end="")
     for err in outcome["errors"]:
         print(f"warning: {err}", file=sys.stderr)
+    for line in outcome["tracking"]:
+        print(f"warning: MLflow: not logged: {line}", file=sys.stderr)
     print(f"report: {outcome['report']}")
     return 0
 

@@ -49,3 +49,15 @@ def ray_cluster(ia2ray_home):
     ray.init(num_cpus=4, log_to_driver=False, configure_logging=False, runtime_env=RUNTIME_ENV)
     yield
     ray.shutdown()
+
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 (SQLite backend, artifacts proxied to a local folder) for the
+    whole session; yields its URL."""
+    from ia2ray.tracking.server import start_local_server
+
+    server = start_local_server(tmp_path_factory.mktemp("mlflow-server"))
+    yield server.url
+    server.stop()

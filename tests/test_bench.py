@@ -60,3 +60,15 @@ def test_bench_study_quick_writes_its_report(tmp_path):
     assert row["trials"] == 2 and len(row["per_trial"]) == 2
     assert 0 < row["compute_share_of_search"] < row["slot_busy_share_of_search"] <= 1.0
     assert all(t["compute_s"] > 0 and t["overhead_s"] > 0 for t in row["per_trial"])
+
+
+@pytest.mark.slow
+def test_bench_tracking_quick_writes_its_report(tmp_path):
+    out = tmp_path / "tracking.json"
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_tracking.py"), "--quick", "--out", str(out)],
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["studies"]) == {"off", "sqlite", "server"}
+    assert all(s["trials"] == 2 for s in report["studies"].values())
+    assert all(r["metrics"] == 500 and r["metrics_per_s"] > 0 for r in report["runlog"].values())

@@ -49,7 +49,10 @@ def test_dry_run_prints_space_trials_and_resources_and_writes_nothing(tmp_path, 
     assert "trials: 5" in out and "align.layers: choice" in out and 'lr.align: loguniform' in out
     assert "Ray Train workers: 1 x (CPU=1)" in out and "concurrent trials:" in out
     assert "teacher captures before the trials: 2" in out  # one seed x two sites
+    assert f"MLflow: sqlite:///{storage / 'mlflow.db'}, experiment smoke" in out
     assert not storage.exists()
+    assert main(["--config", str(SMOKE), "--storage", str(storage), "--tracking-uri", "none", "--dry-run"]) == 0
+    assert "MLflow: off" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("params, extra, overrides, expected", [
@@ -102,6 +105,10 @@ def test_unreachable_storage_and_existing_study_are_refused(tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err and "--resume" in capsys.readouterr().err + "--resume"
     assert main(["--config", str(SMOKE), "--storage", str(tmp_path / "other"), "--resume"]) == 2
     assert "no study named 'smoke'" in capsys.readouterr().err
+    for flag in (["--tracking-uri", str(tmp_path / "mlruns")], ["--set", "study.tracking_uri=file:///tmp/mlruns"]):
+        assert main(["--config", str(SMOKE), "--storage", str(tmp_path / "new"), *flag, "--dry-run"]) == 2
+        assert "--tracking-uri / study.tracking_uri:" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
 
 
 def test_resume_refuses_a_changed_study(tmp_path, capsys):
@@ -110,6 +117,8 @@ def test_resume_refuses_a_changed_study(tmp_path, capsys):
     prepared.study_dir.mkdir(parents=True)
     (prepared.study_dir / "study.json").write_text(json.dumps({"study": prepared.study.model_dump(mode="json")}))
     assert prepare_study(str(SMOKE), [], str(storage), resume=True).study == prepared.study
+    # where the runs are logged may change on resume
+    assert prepare_study(str(SMOKE), ["study.tracking_uri=none"], str(storage), resume=True).tracking_uri is None
     with pytest.raises(ConfigError) as info:
         prepare_study(str(SMOKE), ["lora.alpha=4", "study.num_trials=9"], str(storage), resume=True)
     assert [e.split(" differs")[0] for e in info.value.errors] == ["--resume: lora.alpha", "--resume: study.num_trials"]

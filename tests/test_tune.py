@@ -1,5 +1,6 @@
 """`python -m ia2ray.tune` for real: the smoke study in a fresh process with its own local Ray cluster,
-killed mid-search (SIGKILL to the driver's process group) and continued with --resume."""
+logging to a real `mlflow server`, killed mid-search (SIGKILL to the driver's process group) and
+continued with --resume."""
 
 from __future__ import annotations
 
@@ -30,11 +31,11 @@ def start(cmd: list[str], log: Path) -> subprocess.Popen:
                             start_new_session=True)
 
 
-def test_smoke_study_killed_mid_search_then_resumed(tmp_path, tiny_checkpoints):
+def test_smoke_study_killed_mid_search_then_resumed(tmp_path, tiny_checkpoints, mlflow_server):
     tiny_checkpoints("llama")  # built once for the session (builtin:tiny-llama)
     storage = tmp_path / "studies"
     study = storage / "smoke"
-    proc = start(tune_command(storage), tmp_path / "first.log")
+    proc = start(tune_command(storage, "--tracking-uri", mlflow_server), tmp_path / "first.log")
     # kill once a trial has finished and another has a complete checkpoint but no result yet
     deadline, killed_run = time.time() + 400, None
     while time.time() < deadline and proc.poll() is None:
@@ -49,10 +50,13 @@ def test_smoke_study_killed_mid_search_then_resumed(tmp_path, tiny_checkpoints):
     assert killed_run, "no trial was caught between a checkpoint and its result"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    # the Train worker (rank 0) logged the interrupted trial's stage losses live, before any result
+    live = live_metrics(mlflow_server, study, killed_run)
+    assert any(k.startswith("align/") for k in live), live
     finished_before = {p.parent.name: p.stat().st_mtime_ns for p in study.glob("runs/trial-*/summary.json")}
     time.sleep(2)
 
-    resumed = start(tune_command(storage, "--resume"), tmp_path / "resume.log")
+    resumed = start(tune_command(storage, "--resume", "--tracking-uri", mlflow_server), tmp_path / "resume.log")
     assert resumed.wait(timeout=600) == 0, (tmp_path / "resume.log").read_text()[-4000:]
     log = (tmp_path / "resume.log").read_text()
 
@@ -91,6 +95,67 @@ def test_smoke_study_killed_mid_search_then_resumed(tmp_path, tiny_checkpoints):
     for png in ("pareto.png", "reliability.png"):
         assert (study / png).read_bytes()[:4] == b"\x89PNG"
     assert "report: " + str(study / "report.md") in log and "| ICL | 0 |" in log
+    check_mlflow(mlflow_server, study, killed_run)
+
+
+def live_metrics(url: str, study: Path, run_name: str) -> dict:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(url)
+    sid = json.loads((study / "study.json").read_text())["study_id"]
+    (run,) = client.search_runs([client.get_experiment_by_name("smoke").experiment_id],
+                                f"tags.`ia2ray.study_id` = '{sid}' and attributes.run_name = '{run_name}'")
+    assert run.info.status == "RUNNING"
+    return run.data.metrics
+
+
+def check_mlflow(url: str, study: Path, killed_run: str) -> None:
+    """One parent run, one nested run per trial (the killed trial's run continued, not doubled), none
+    left RUNNING; params, per-step metrics once per step, final metrics, tags and artifacts."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(url)
+    sid = json.loads((study / "study.json").read_text())["study_id"]
+    exp = client.get_experiment_by_name("smoke")
+    runs = client.search_runs([exp.experiment_id], f"tags.`ia2ray.study_id` = '{sid}'")
+    (parent,) = [r for r in runs if r.data.tags.get("ia2ray.role") == "study"]
+    children = [r for r in runs if r is not parent]
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children)
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    names = sorted(r.info.run_name for r in children)
+    trial_dirs = sorted(p.parent.name for p in study.glob("runs/trial-*/summary.json"))
+    assert names == sorted(["confirm-ICL-s0", "confirm-IA2-SFT-s0", "confirm-best-1-s0", *trial_dirs])
+    assert len({r.data.tags["ia2ray.trial_key"] for r in children}) == len(children) == 6
+
+    search = {r.info.run_name: r for r in children if r.data.tags["ia2ray.phase"] == "search"}
+    for name, run in search.items():
+        summary = json.loads((study / "runs" / name / "summary.json").read_text())
+        tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
+        assert tags["ia2ray.trial_id"] == name.removeprefix("trial-") and tags["ia2ray.task"] == "toy/polarity"
+        assert tags["ia2ray.n"] == "4" and tags["ia2ray.seed"] == "0" and tags["ia2ray.model_revision"].startswith("sha256:")
+        assert tags["ia2ray.code_version"].startswith("ia2ray ") and len(tags["ia2ray.config_hash"]) == 64
+        for key, value in summary["params"].items():  # the sampled values, flat and readable
+            assert params[key] == (value if isinstance(value, str) else json.dumps(value))
+        assert params["pipeline"] == "ia2->sft" and params["lr.sft"] == "0.003"
+        assert metrics["val/acc"] == summary["val"]["acc"] and metrics["val/ece"] == summary["val"]["ece"]
+        # no Tune bookkeeping (pid, timestamps, iterations) among the metrics
+        assert {k.split("/")[0] for k in metrics} <= {"align", "sft", "val", "time", "objective"}
+        for stage in ("align", "sft"):
+            logged = [m.step for m in client.get_metric_history(run.info.run_id, f"{stage}/loss")]
+            expected = [h["step"] for h in summary["history"] if h["stage"] == stage and "train_loss" in h]
+            assert sorted(logged) == expected and len(set(logged)) == len(logged) and expected
+        assert {a.path for a in client.list_artifacts(run.info.run_id)} == {
+            "adapter", "config.yaml", "reliability.png", "summary.json"}
+        assert {a.path for a in client.list_artifacts(run.info.run_id, "adapter")} >= {
+            "adapter/adapter_config.json", "adapter/adapter_model.safetensors"}
+    killed = search[killed_run]
+    assert len(client.get_metric_history(killed.info.run_id, "align/loss")) > 0
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {
+        "study.yaml", "pareto.csv", "pareto.png", "report.md", "report.csv", "reliability.png"}
+    with open(study / "report.csv") as fh:
+        best = {r["method"]: r for r in csv.DictReader(fh)}["best-1"]
+    assert parent.data.metrics["best-1/test/acc"] == pytest.approx(float(best["test_acc_mean"]), abs=1e-6)
+    assert parent.data.params["study.num_trials"] == "3"
 
 
 @pytest.mark.slow

@@ -304,6 +304,11 @@ class StudyConfig(Section):
     )
     storage: str = Field("studies", description="Parent folder of studies; a study lives in `<storage>/<name>` "
                          "(Tune experiment, Optuna SQLite, teacher cache, checkpoints, report). `--storage` overrides.")
+    tracking_uri: Optional[str] = Field(
+        None, description="MLflow tracking URI (`--tracking-uri` overrides): an `mlflow server` URL (required when the "
+        "cluster has more than one node) or `sqlite:///<file>`; null: $MLFLOW_TRACKING_URI, else "
+        "`sqlite:///<storage>/mlflow.db`; `none`: no tracking.",
+    )
     confirm: ConfirmConfig = Field(default_factory=ConfirmConfig)
 
 

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -21,6 +22,8 @@ from ia2ray.fileio import write_json_atomic, write_text_atomic
 from ia2ray.study.plan import TrialPlan, plan_trials
 from ia2ray.study.space import candidates, check_space, describe
 from ia2ray.study.trial import TrialContext, objectives
+from ia2ray.tracking import close_orphans, replay_pending, resolve_uri
+from ia2ray.tracking.runlog import PENDING_FILE
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +35,7 @@ class PreparedStudy:
     study_dir: Path
     has_ece: bool
     source: str
+    tracking_uri: Optional[str] = None  # MLflow; None: tracking off
 
 
 def default_study_path() -> Path:
@@ -117,7 +121,8 @@ def check_model(study: StudyFile, base: RunConfig, source: str) -> bool:
     return data.spec.answer_type == "label"
 
 
-def prepare_study(config: Optional[str], overrides: list[str], storage: Optional[str], resume: bool) -> PreparedStudy:
+def prepare_study(config: Optional[str], overrides: list[str], storage: Optional[str], resume: bool,
+                  tracking_uri: Optional[str] = None) -> PreparedStudy:
     """Load and check everything; raises ConfigError. Writes nothing."""
     path = Path(config) if config else default_study_path()
     source = str(path)
@@ -128,6 +133,10 @@ def prepare_study(config: Optional[str], overrides: list[str], storage: Optional
     if errors:
         raise ConfigError(errors, source)
     study_dir = Path(storage).expanduser().resolve() / study.name
+    try:
+        tracking_uri = resolve_uri(tracking_uri or study.study.tracking_uri, study_dir.parent)
+    except ValueError as exc:
+        raise ConfigError([f"--tracking-uri / study.tracking_uri: {exc}"], source) from None
     saved = study_dir / "study.json"
     if saved.is_file() and not resume:
         raise ConfigError([f"name: a study named {study.name!r} already exists in {study_dir}; pass --resume to "
@@ -137,7 +146,8 @@ def prepare_study(config: Optional[str], overrides: list[str], storage: Optional
     if resume:
         # Tune restores an experiment with its original settings (trial count, concurrency), so a
         # resumed study must be the same study
-        changed = _diff(json.loads(saved.read_text())["study"], study.model_dump(mode="json"))
+        changed = [k for k in _diff(json.loads(saved.read_text())["study"], study.model_dump(mode="json"))
+                   if k != "study.tracking_uri"]  # where the runs are logged may change
         if changed:
             raise ConfigError([f"--resume: {k} differs from the study in {saved}" for k in changed], source)
     tree = base.model_dump(mode="json")
@@ -147,7 +157,7 @@ def prepare_study(config: Optional[str], overrides: list[str], storage: Optional
     tree["train"]["storage"] = str(study_dir / "train")
     base = RunConfig.model_validate(tree)
     has_ece = check_model(study, base, source)
-    return PreparedStudy(study, base, study_dir, has_ece, source)
+    return PreparedStudy(study, base, study_dir, has_ece, source, tracking_uri)
 
 
 def local_resources() -> dict[str, float]:
@@ -173,32 +183,82 @@ def dry_run_lines(p: PreparedStudy, plan: TrialPlan, cluster_note: str) -> list[
               f"trials: {s.num_trials} (sampler {s.sampler}, seed {s.seed})",
               f"resources ({cluster_note}):", *[f"  {line}" for line in plan.describe()],
               f"teacher captures before the trials: {len(teacher_variants(p.base, p.study))}",
+              f"MLflow: {p.tracking_uri}, experiment {p.study.name}" if p.tracking_uri else "MLflow: off",
               f"confirmation: top {s.confirm.top_k} configs + baselines {', '.join(s.confirm.baselines)} "
               f"x seeds {s.confirm.seeds}, on the test split"]
     return lines
 
 
+def tracking_node_errors(uri: Optional[str], nodes: int) -> list[str]:
+    """A study on several nodes logs from all of them: a local SQLite store cannot be shared."""
+    from ia2ray.tracking import is_local_uri
+
+    if uri and is_local_uri(uri) and nodes > 1:
+        return [f"--tracking-uri / study.tracking_uri: the Ray cluster has {nodes} nodes, but {uri} is a local store "
+                "that trials on other nodes cannot write; start an `mlflow server` and pass its URL "
+                "(http://host:port), or --tracking-uri none"]
+    return []
+
+
+def check_tracking_nodes(uri: Optional[str]) -> None:
+    import ray
+
+    errors = tracking_node_errors(uri, len([n for n in ray.nodes() if n.get("Alive")]))
+    if errors:
+        raise ConfigError(errors, "the Ray cluster")
+
+
+def study_id(study_dir: Path) -> str:
+    """The study's id: kept in study.json, so a resumed study keeps it (and finds its MLflow runs)."""
+    saved = study_dir / "study.json"
+    known = json.loads(saved.read_text()).get("study_id") if saved.is_file() else None
+    return known or uuid.uuid4().hex[:16]
+
+
 def run_study(p: PreparedStudy, resume: bool) -> dict:
-    """Run the study (Ray must be reachable); returns {"table", "report", "errors", "timings"}."""
+    """Run the study (Ray must be reachable); returns {"table", "report", "errors", "timings", "rows",
+    "tracking"}. Raises ConfigError / TrackingError before any compute when the cluster or MLflow
+    does not fit."""
+    from ia2ray.study.track import start_study_run
+    from ia2ray.train.launch import ensure_ray
+
+    ensure_ray()
+    check_tracking_nodes(p.tracking_uri)
+    sid = study_id(p.study_dir)
+    p.study_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(p.study_dir / "study.yaml", dump_yaml(p.study))
+    parent, tracking = None, None
+    if p.tracking_uri:
+        parent, tracking = start_study_run(p.tracking_uri, p.study, p.base, p.study_dir, sid,
+                                           p.base.task.name, describe(p.study))
+        log.info("MLflow: %s, experiment %s, study run %s", p.tracking_uri, p.study.name, parent.run_id)
+    write_json_atomic(p.study_dir / "study.json", {"name": p.study.name, "study": p.study.model_dump(mode="json"),
+                                                    "source": p.source, "started": time.time(), "study_id": sid})
+    if parent is None:
+        return _run(p, resume, None, None)
+    with parent.running(p.study_dir / PENDING_FILE):
+        outcome = _run(p, resume, parent, tracking)
+        # trials whose runs could not all be logged left their buffers behind: one more try
+        outcome["tracking"] += replay_pending(sorted(p.study_dir.glob(f"runs/*/{PENDING_FILE}")))
+    outcome["tracking"] += [f"{p.study.name} (study run): {line}" for line in parent.unlogged]
+    return outcome
+
+
+def _run(p: PreparedStudy, resume: bool, parent, tracking: Optional[dict]) -> dict:
     import ray
 
     from ia2ray.study.confirm import confirmation_rows, run_confirm
-    from ia2ray.study.report import write_report
+    from ia2ray.study.report import write_pareto_csv, write_report
     from ia2ray.study.search import completed_trials, pareto_front, run_search
     from ia2ray.study.teacher import capture_all, teacher_variants
-    from ia2ray.train.launch import ensure_ray
+    from ia2ray.study.track import finish_study_run
 
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    p.study_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(p.study_dir / "study.yaml", dump_yaml(p.study))
-    write_json_atomic(p.study_dir / "study.json", {"name": p.study.name, "study": p.study.model_dump(mode="json"),
-                                                    "source": p.source, "started": time.time()})
-    ensure_ray()
     plan = plan_trials(p.study, p.base, ray.cluster_resources())
     for line in plan.describe():
         log.info("%s", line)
-    ctx = TrialContext(str(p.study_dir), p.base.model_dump(mode="json"), p.study.model_dump(mode="json"))
+    ctx = TrialContext(str(p.study_dir), p.base.model_dump(mode="json"), p.study.model_dump(mode="json"), tracking)
     t = time.perf_counter()
     capture_all(teacher_variants(p.base, p.study), p.study_dir, plan.use_gpu)
     timings["teacher"] = time.perf_counter() - t
@@ -223,8 +283,22 @@ def run_study(p: PreparedStudy, resume: bool) -> dict:
     lines = [f"- config: {p.source}; {len(trials)} trials; objective {', '.join(metrics)}",
              f"- trial resources: {'; '.join(plan.describe())}",
              "- wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())]
+    if tracking:
+        lines.append(f"- MLflow: {tracking['uri']}, experiment {p.study.name}, study run {tracking['parent_run_id']}")
     table, rows_out = write_report(p.study_dir, p.study.name, lines, rows, trials, front[: p.study.study.confirm.top_k]
                                    or front, metrics, p.base.eval.ece_scheme)
+    write_pareto_csv(p.study_dir, front, metrics)
     write_json_atomic(p.study_dir / "timings.json", {**timings, "trials": len(trials), "errors": errors})
+    problems: list[str] = []
+    if parent is not None:
+        finish_study_run(parent, p.study_dir, rows_out, len(trials))
+        # every trial has ended: a child still RUNNING belongs to a trial killed earlier and not rerun
+        try:
+            stuck = close_orphans(tracking["uri"], tracking["experiment_id"], tracking["parent_run_id"],
+                                  "the study was interrupted and this trial did not run again")
+            if stuck:
+                log.warning("MLflow: %d run(s) of trials interrupted earlier marked KILLED", stuck)
+        except Exception as exc:  # noqa: BLE001 - MLflow down at the end: reported, the study stands
+            problems.append(f"could not check for trial runs left RUNNING: {exc}"[:500])
     return {"table": table, "report": str(p.study_dir / "report.md"), "errors": errors, "timings": timings,
-            "rows": rows_out}
+            "rows": rows_out, "tracking": problems}

@@ -1,7 +1,7 @@
 """The study report: a table per method (mean and std over seeds of test accuracy and ECE), the Pareto
 front of the search, and reliability diagrams, written into the study folder.
 
-Files: `report.md`, `report.csv`, `trials.csv` (every completed search trial), `pareto.png`,
+Files: `report.md`, `report.csv`, `trials.csv` (every completed search trial), `pareto.csv`, `pareto.png`,
 `reliability.png`. Standard deviations are sample standard deviations (ddof=1; 0 for one seed).
 """
 
@@ -92,6 +92,12 @@ def trials_csv(trials: list[dict], metrics: list[str]) -> str:
     return buf.getvalue()
 
 
+def write_pareto_csv(study_dir: Path, front: list[dict], metrics: list[str]) -> None:
+    """`pareto.csv`: the search's Pareto front (or, for one objective, every completed trial), best first."""
+    rows = [{**f, "values": [f["values"][m] for m in metrics]} for f in front]
+    write_text_atomic(study_dir / "pareto.csv", trials_csv(rows, metrics))
+
+
 def plot_pareto(trials: list[dict], front: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -109,21 +115,21 @@ def plot_pareto(trials: list[dict], front: list[dict], path: Path) -> None:
     _save(fig, path)
 
 
-def plot_reliability(runs: dict[str, list[dict]], path: Path) -> None:
-    """One panel per method: test-split reliability bins of each seed against the diagonal."""
+def plot_reliability(runs: dict[str, list[dict]], path: Path, split: str = "test") -> None:
+    """One panel per method: the split's reliability bins of each seed against the diagonal."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = [m for m, s in runs.items() if any("reliability" in r["test"] for r in s)]
+    methods = [m for m, s in runs.items() if any("reliability" in r.get(split, {}) for r in s)]
     if not methods:
         return
     fig, axes = plt.subplots(1, len(methods), figsize=(3 * len(methods), 3.2), squeeze=False)
     for ax, method in zip(axes[0], methods):
         ax.plot([0, 1], [0, 1], "--", c="0.5", lw=1)
         for run in runs[method]:
-            bins = run["test"].get("reliability") or []
+            bins = run[split].get("reliability") or []
             ax.plot([b["conf"] for b in bins], [b["acc"] for b in bins], "o", ms=4, alpha=0.7, label=f"seed {run['seed']}")
         ax.set_title(method, fontsize=9)
         ax.set_xlim(0, 1)

@@ -7,7 +7,8 @@ report. A confirmation trial runs one (method, seed) row on the validation and t
 
 Ray Train runs are named after the trial (`trial-<tune trial id>`, `confirm-<method>-s<seed>`), so a
 trial restarted by `--resume` resumes its Train run from the last complete checkpoint. Each run's
-summary and adapter go to `<study>/runs/<run name>/`.
+summary (with the stage histories) and adapter go to `<study>/runs/<run name>/`, and, unless tracking is
+off, into the trial's MLflow run (`ia2ray.study.track`), which a rerun of the trial continues.
 """
 
 from __future__ import annotations
@@ -17,11 +18,15 @@ import logging
 import re
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Optional
 
 from ia2ray.config.schema import RunConfig, StudyFile
 from ia2ray.fileio import atomic_dir, write_json_atomic
 from ia2ray.study.space import apply_params, decode_point
+from ia2ray.study.track import log_history, log_result, running, trial_run
+from ia2ray.tracking import RunLog
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +38,7 @@ class TrialContext:
     study_dir: str
     base: dict  # the run config every trial starts from (JSON), study paths filled in
     study: dict  # the study file (JSON), for decoding sampled points and the objective
+    tracking: Optional[dict] = None  # MLflow target of the trials' runs (`track.start_study_run`); None: off
 
 
 def objectives(study: StudyFile, has_ece: bool) -> list[tuple[str, str]]:
@@ -55,9 +61,11 @@ def objective_metrics(summary: dict, study: StudyFile) -> dict:
     return out
 
 
-def run_and_save(cfg: RunConfig, study_dir: str, splits: tuple[str, ...], extra: dict, icl: bool = False) -> dict:
+def run_and_save(cfg: RunConfig, study_dir: str, splits: tuple[str, ...], extra: dict, icl: bool = False,
+                 run: Optional[RunLog] = None) -> dict:
     """Train and evaluate `cfg` (teacher from the cache only), or with `icl` evaluate only the ICL
-    baseline; write summary.json (and adapter/) under `<study>/runs/<cfg.name>/`."""
+    baseline; write summary.json (with the stage histories) and adapter/ under `<study>/runs/<cfg.name>/`.
+    The stage losses go to the MLflow `run` as they happen."""
     from ia2ray.core.pipeline import prepare_data, run_icl, run_pipeline, train_in_process
 
     start = time.perf_counter()
@@ -69,17 +77,18 @@ def run_and_save(cfg: RunConfig, study_dir: str, splits: tuple[str, ...], extra:
         if previous.get("config") == resolved:
             log.info("run %s already finished; reusing %s", cfg.name, done)
             return previous
+    on_log = log_history(run)
     if icl:
         summary = run_icl(cfg, splits=splits)
     else:
         trainer = train_in_process
-        if cfg.train.num_workers >= 1:
+        if cfg.train.num_workers >= 1:  # the Train workers log the stage losses live (rank 0)
             from ia2ray.train.pipeline import train_with_ray
 
-            trainer = train_with_ray
+            trainer, on_log = partial(train_with_ray, tracking=run.target() if run else None), None
         outcome = run_pipeline(cfg, data=prepare_data(cfg), progress=False, train_stages=trainer, splits=splits,
-                               cached_teacher_only=True)
-        summary = outcome.summary
+                               cached_teacher_only=True, on_log=on_log)
+        summary = outcome.summary | {"history": outcome.history}
         with atomic_dir(out / "adapter") as tmp:
             outcome.model.save_pretrained(tmp)
     summary.update(extra, seconds=round(time.perf_counter() - start, 3), config=resolved)
@@ -96,8 +105,13 @@ def search_trial(config: dict, ctx: TrialContext) -> None:
     params = decode_point(study, config)
     cfg = apply_params(RunConfig.model_validate(ctx.base), params, name=f"trial-{trial_id}",
                        **{"eval.icl_baseline": False})
-    summary = run_and_save(cfg, ctx.study_dir, ("val",), {"trial_id": trial_id, "params": params, "phase": "search"})
-    tune.report(objective_metrics(summary, study))
+    run = trial_run(ctx.tracking, trial_id, cfg, "search", {"trial_id": trial_id})
+    with running(run, Path(ctx.study_dir) / "runs" / cfg.name):
+        summary = run_and_save(cfg, ctx.study_dir, ("val",), {"trial_id": trial_id, "params": params,
+                                                              "phase": "search"}, run=run)
+        metrics = objective_metrics(summary, study)
+        log_result(run, Path(ctx.study_dir) / "runs" / cfg.name, cfg, summary, ("val",), metrics)
+    tune.report(metrics)
 
 
 def run_name(label: str, seed: int) -> str:
@@ -112,7 +126,11 @@ def confirm_trial(config: dict, ctx: TrialContext) -> None:
     row = config["row"]
     cfg = apply_params(RunConfig.model_validate(ctx.base), row["params"], name=run_name(row["label"], row["seed"]),
                        **{"data.seed": row["seed"], "eval.icl_baseline": row["icl"]})
-    summary = run_and_save(cfg, ctx.study_dir, ("val", "test"),
-                           {"label": row["label"], "params": row["params"], "phase": "confirm"}, icl=row["icl"])
+    run = trial_run(ctx.tracking, cfg.name, cfg, "confirm",
+                    {"label": row["label"], **({"pipeline": "icl"} if row["icl"] else {})})
+    with running(run, Path(ctx.study_dir) / "runs" / cfg.name):
+        summary = run_and_save(cfg, ctx.study_dir, ("val", "test"), {"label": row["label"], "params": row["params"],
+                               "phase": "confirm"}, icl=row["icl"], run=run)
+        log_result(run, Path(ctx.study_dir) / "runs" / cfg.name, cfg, summary, ("val", "test"))
     tune.report({f"{split}/{key}": summary[split][key] for split in ("val", "test") for key in ("acc", "ece")
                  if summary[split].get(key) is not None})

@@ -36,7 +36,8 @@ def check_train_config(cfg: RunConfig) -> None:
     zero_stage(cfg.train)
 
 
-def make_job(cfg: RunConfig, pad_id: int, stages: list[StageWork], teacher: Optional[Teacher]) -> TrainJob:
+def make_job(cfg: RunConfig, pad_id: int, stages: list[StageWork], teacher: Optional[Teacher],
+             tracking: Optional[dict] = None) -> TrainJob:
     specs = []
     for work in stages:
         n_train = len(work.train_items)
@@ -57,12 +58,15 @@ def make_job(cfg: RunConfig, pad_id: int, stages: list[StageWork], teacher: Opti
     return TrainJob(model=model, lora=cfg.lora, lora_seed=cfg.train.seed, train=cfg.train,
                     deepspeed=load_preset(cfg.train.deepspeed), stages=specs,
                     pad_id=pad_id, fingerprint=fingerprint,
-                    teacher_cache=(teacher.cache_root, teacher.key) if teacher else None)
+                    teacher_cache=(teacher.cache_root, teacher.key) if teacher else None, tracking=tracking)
 
 
-def train_with_ray(cfg: RunConfig, model, tokenizer, stages: list[StageWork], teacher: Optional[Teacher], on_log=None):
-    """Stage trainer: one Ray Train run for all stages; returns the driver's model with the adapter."""
-    job = make_job(cfg, tokenizer.pad_token_id, stages, teacher)
+def train_with_ray(cfg: RunConfig, model, tokenizer, stages: list[StageWork], teacher: Optional[Teacher], on_log=None,
+                   tracking: Optional[dict] = None):
+    """Stage trainer: one Ray Train run for all stages; returns the driver's model with the adapter.
+    `on_log` sees the stage histories when the run has finished; with `tracking` (an MLflow run's
+    `RunLog.target()`) rank 0 logs them to that run as they happen."""
+    job = make_job(cfg, tokenizer.pad_token_id, stages, teacher, tracking)
     outcome = fit(job, cfg.name, train_storage(cfg), cfg.train.use_gpu)
     log.info("Ray Train run %s finished in %.1f s; final checkpoint %s", cfg.name, outcome.timings["fit"],
              outcome.checkpoint_dir)

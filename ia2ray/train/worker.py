@@ -40,6 +40,8 @@ from ia2ray.core.stages import (
     is_out_of_memory,
     out_of_memory,
 )
+from ia2ray.tracking import RunLog
+from ia2ray.tracking.shape import step_metrics
 from ia2ray.train import checkpoint as ckpt
 from ia2ray.train.dsconfig import batch_geometry, deepspeed_config, zero_stage
 
@@ -78,6 +80,7 @@ class TrainJob:
     pad_id: int
     fingerprint: str
     teacher_cache: Optional[tuple[str, str]] = None  # (cache root, entry key)
+    tracking: Optional[dict] = None  # MLflow run (`RunLog.target()`) rank 0 logs the stage losses into, live
     init_adapter: Optional[dict] = None  # adapter the first stage starts from (default: fresh LoRA)
     stage_offset: int = 0  # index of stages[0] in the whole pipeline (names checkpoints)
     crash_after: Optional[tuple[str, int]] = None  # test fault injection: (stage, step) after whose checkpoint workers exit
@@ -102,6 +105,15 @@ class WorkerContext:
     launched: Optional[float] = None  # wall clock (time.time) when the driver called fit()
     started: float = 0.0  # wall clock when this worker's loop began
     finished: list[dict] = field(default_factory=list)  # {"result": StageResult summary, "history": [...]}
+    live: Optional[RunLog] = None  # rank 0's MLflow run, when the job has one
+
+
+def record(result: StageResult, entry: dict, wc: WorkerContext) -> None:
+    """Append a history entry; rank 0 also logs it to the trial's MLflow run (buffered, best effort:
+    the trial driver logs the whole history again at the end and fills any gap)."""
+    result.history.append(entry)
+    if wc.live is not None:
+        wc.live.log_metrics(step_metrics(result.name, entry))
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -126,10 +138,14 @@ def train_loop_per_worker(config: dict) -> None:
     start_index = resume["stage_index"] if resume else 0
     adapter = resume["adapter"] if resume else job.init_adapter
     wc.finished = list(resume["finished"]) if resume else []
+    if job.tracking and wc.rank == 0:
+        wc.live = RunLog.from_state(job.tracking)
     for index in range(start_index, len(job.stages)):
         mid_stage = resume if resume and resume["stage_index"] == index and resume["position"] else None
         adapter = run_stage(job, index, teacher, adapter, mid_stage, wc)
         resume = None
+    if wc.live is not None:
+        wc.live.close(tries=1)
 
 
 def run_stage(job: TrainJob, index: int, teacher: dict, adapter: Optional[dict], resume: Optional[dict],
@@ -184,7 +200,7 @@ def run_stage(job: TrainJob, index: int, teacher: dict, adapter: Optional[dict],
         loss = _dev_loss(engine, dev_shard, dev_batches, s.batch_size, objective, job.pad_id, wc, train_items[0])
         if not math.isfinite(loss):
             raise NonFiniteLossError(f"stage {name}: dev loss is {loss} at step {step}")
-        result.history.append({"step": step, "dev_loss": loss})
+        record(result, {"step": step, "dev_loss": loss}, wc)
         return stopper.update(loss, step, lambda: adapter_state(engine))
 
     def save(final: bool, stage_done: bool, metrics: dict) -> None:
@@ -231,7 +247,7 @@ def run_stage(job: TrainJob, index: int, teacher: dict, adapter: Optional[dict],
             loss = _train_step(engine, chunks[i], geo, objective, job.pad_id, wc, f"stage {name}", pos.step + 1,
                                s.batch_size)
             pos = Position(epoch, i + 1, pos.step + 1)
-            result.history.append({"step": pos.step, "train_loss": loss})
+            record(result, {"step": pos.step, "train_loss": loss}, wc)
             checked = pos.step % s.eval_every == 0 or i == len(chunks) - 1  # the reference checks at epoch ends too
             if checked and check(pos.step):
                 result.stopped_early = True

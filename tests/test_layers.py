@@ -1,0 +1,54 @@
+"""The layers import in one direction: config -> data -> core -> train -> study -> entry points, and
+`tracking` is a service (it imports only config and fileio; train and study call it)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parents[1] / "ia2ray"
+
+# what each layer may import from ia2ray (besides itself)
+ALLOWED = {
+    "fileio": set(),
+    "config": {"fileio"},
+    "data": {"config", "fileio"},
+    "core": {"config", "data", "fileio"},
+    "tracking": {"config", "fileio"},
+    "train": {"config", "data", "core", "fileio", "tracking"},
+    "study": {"config", "data", "core", "train", "fileio", "tracking"},
+    "testbed": {"config", "data", "core", "fileio"},
+    "run": {"config", "data", "core", "train", "fileio", "tracking"},
+    "tune": {"config", "data", "core", "train", "study", "fileio", "tracking"},
+    "__init__": set(),
+}
+
+
+def layer_of(path: Path) -> str:
+    rel = path.relative_to(PKG)
+    return rel.parts[0] if len(rel.parts) > 1 else rel.stem
+
+
+def imported_layers(path: Path) -> set[str]:
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + ([f"{node.module}.{a.name}" for a in node.names] if node.module == "ia2ray" else [])
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "ia2ray" and len(parts) > 1:
+                out.add(parts[1])
+    return out
+
+
+def test_imports_follow_the_layers():
+    wrong = []
+    for path in sorted(PKG.rglob("*.py")):
+        layer = layer_of(path)
+        extra = imported_layers(path) - ALLOWED[layer] - {layer}
+        if extra:
+            wrong.append(f"{path.relative_to(PKG)} ({layer}) imports {sorted(extra)}")
+    assert wrong == []
