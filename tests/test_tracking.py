@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -318,3 +321,30 @@ def test_failed_trials_end_failed_with_the_error(ray_cluster, mlflow_server, tmp
         assert all(k.split("/")[0] in ("align", "sft", "val", "time", "objective") for k in run.data.metrics)
     assert {r.data.params["lr.align"] for r in search if r.info.status == "FAILED"} == {"1e+30"}
     assert parent.info.status == "FINISHED" and "best-1/test/acc" in parent.data.metrics
+
+
+MULTI_NODE = """
+import os, subprocess, sys
+from ray.cluster_utils import Cluster
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+cluster.add_node(num_cpus=1)
+cluster.wait_for_nodes()
+try:
+    out = subprocess.run([sys.executable, "-m", "ia2ray.tune", "--config", sys.argv[1], "--storage", sys.argv[2]],
+                         env=dict(os.environ, RAY_ADDRESS=cluster.address), capture_output=True, text=True)
+    print("exit", out.returncode)
+    print(out.stderr)
+finally:
+    cluster.shutdown()
+"""
+
+
+def test_a_study_on_two_nodes_refuses_a_local_store(tmp_path):
+    """A real 2-node Ray cluster (`ray.cluster_utils.Cluster`, in its own process): the default SQLite
+    store is refused before anything is written, naming the node count."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run([sys.executable, "-c", MULTI_NODE, str(SMOKE), str(tmp_path / "studies")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert "exit 2" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "the Ray cluster has 2 nodes" in out.stdout and "mlflow server" in out.stdout
+    assert not (tmp_path / "studies").exists()
