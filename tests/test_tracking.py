@@ -61,11 +61,16 @@ def test_tracking_uri_resolution(tmp_path, monkeypatch):
 def test_multi_node_study_needs_a_server():
     from ia2ray.study.driver import tracking_node_errors
 
-    assert tracking_node_errors("sqlite:////s/mlflow.db", 1) == []
-    assert tracking_node_errors("http://mlflow:5000", 3) == []
-    assert tracking_node_errors(None, 3) == []
-    (err,) = tracking_node_errors("sqlite:////s/mlflow.db", 2)
+    assert tracking_node_errors("sqlite:////s/mlflow.db", 1, 1) == []
+    assert tracking_node_errors("http://mlflow:5000", 3, 3) == []
+    assert tracking_node_errors(None, 3, 3) == []
+    (err,) = tracking_node_errors("sqlite:////s/mlflow.db", 2, 1)
     assert "2 nodes" in err and "mlflow server" in err and "--tracking-uri" in err
+    # a server on the loopback address: fine while every node is on this machine, refused across machines
+    assert tracking_node_errors("http://127.0.0.1:5000", 2, 1) == []
+    for uri in ("http://127.0.0.1:5000", "http://localhost:5000"):
+        (err,) = tracking_node_errors(uri, 3, 2)
+        assert "spans 2 machines" in err and "loopback" in err
 
 
 # -- RunLog against a real server ------------------------------------------------------------------
@@ -114,6 +119,12 @@ def test_runlog_failure_ends_failed_with_the_error(mlflow_server):
     got = _client(mlflow_server).get_run(run.run_id)
     assert got.info.status == "FAILED"
     assert got.data.tags["ia2ray.error"] == "FloatingPointError: loss is nan at step 3"
+    # run again and succeed: the same run, FINISHED, and the old error no longer stands
+    again = RunLog(mlflow_server, exp, {"ia2ray.study_id": "s", "ia2ray.trial_key": "bad"})
+    with again.running():
+        again.log_metrics([("val/acc", 0.5, 0)])
+    got = _client(mlflow_server).get_run(run.run_id)
+    assert again.run_id == run.run_id and got.info.status == "FINISHED" and "ia2ray.error" not in got.data.tags
 
 
 class Gate:
@@ -184,12 +195,12 @@ def test_runlog_buffers_while_mlflow_is_down_and_replays_later(mlflow_server, tm
     assert lines == ["params (1) (buffered; MLflow unreachable)", "metrics (2) (buffered; MLflow unreachable)",
                      "status FINISHED (buffered; MLflow unreachable)", f"kept in {tmp_path / 'pending.json'}"]
     assert json.loads((tmp_path / "pending.json").read_text())["run_name"] == "trial-down"
-    assert replay_pending([tmp_path / "pending.json"])  # still down: reported again, file kept
-    assert (tmp_path / "pending.json").is_file()
+    left, waiting = replay_pending([tmp_path / "pending.json"])  # still down: reported again, file kept
+    assert left and waiting == set() and (tmp_path / "pending.json").is_file()  # (the run was never created)
 
     gate.open()  # MLflow is back
     try:
-        assert replay_pending([tmp_path / "pending.json"]) == []
+        assert replay_pending([tmp_path / "pending.json"]) == ([], set())
     finally:
         gate.close()
     assert not (tmp_path / "pending.json").exists()
@@ -197,6 +208,53 @@ def test_runlog_buffers_while_mlflow_is_down_and_replays_later(mlflow_server, tm
     (got,) = client.search_runs([exp])
     assert got.info.status == "FINISHED" and got.data.params == {"lora.rank": "4"}
     assert _history(client, got.info.run_id, "align/loss") == [(1, 0.5), (2, 0.25)]
+
+
+def test_what_mlflow_refuses_is_reported_once_at_the_end(mlflow_server, tmp_path):
+    exp = open_experiment(mlflow_server, "runlog-refused")
+    run = RunLog(mlflow_server, exp, {"ia2ray.study_id": "s", "ia2ray.trial_key": "r"})
+    run.log_params({"lora.rank": "8"})
+    run.log_params({"lora.rank": "16"})  # a param cannot change
+    run.log_artifact(tmp_path / "missing.png")
+    lines = run.close(tmp_path / "pending.json")
+    assert len(lines) == 2 and "lora.rank='16'" in lines[0] and "missing.png" in lines[1]
+    left, waiting = replay_pending([tmp_path / "pending.json"])  # the study's end collects them
+    assert [line.split(": ", 1)[1] for line in left] == lines and waiting == set()
+    assert not (tmp_path / "pending.json").exists()
+
+
+def test_study_end_replays_buffers_before_closing_runs_left_running(mlflow_server, tmp_path):
+    """A trial that finished while MLflow was down ends FINISHED (its buffered ending is replayed first,
+    no error tag); one whose buffer still cannot be sent stays as it is; one that was killed ends KILLED."""
+    from ia2ray.study.driver import close_trial_runs
+
+    exp = open_experiment(mlflow_server, "study-end")
+    parent = RunLog(mlflow_server, exp, {"ia2ray.study_id": "e", "ia2ray.role": "study"})
+    parent.flush(force=True)
+    runs = {}
+    for name in ("finished-offline", "still-offline", "killed"):
+        runs[name] = RunLog(mlflow_server, exp, {"ia2ray.study_id": "e", "ia2ray.trial_key": name},
+                            {"mlflow.parentRunId": parent.run_id}, run_name=name)
+        runs[name].flush(force=True)
+    for name in ("finished-offline", "still-offline"):  # MLflow went down before they ended
+        runs[name].uri = f"http://127.0.0.1:{free_port()}"
+        runs[name].log_metrics([("val/acc", 0.75, 0)])
+        runs[name].end("FINISHED")
+        runs[name].close(tmp_path / "runs" / name / "mlflow-pending.json", tries=1)
+    state = json.loads((tmp_path / "runs" / "finished-offline" / "mlflow-pending.json").read_text())
+    (tmp_path / "runs" / "finished-offline" / "mlflow-pending.json").write_text(
+        json.dumps(state | {"uri": mlflow_server}))  # this one's server is back
+    problems = close_trial_runs(tmp_path, {"uri": mlflow_server, "experiment_id": exp,
+                                           "parent_run_id": parent.run_id})
+    client = _client(mlflow_server)
+    got = {name: client.get_run(run.run_id) for name, run in runs.items()}
+    assert got["finished-offline"].info.status == "FINISHED" and "ia2ray.error" not in got["finished-offline"].data.tags
+    assert got["finished-offline"].data.metrics == {"val/acc": 0.75}
+    assert got["still-offline"].info.status == "RUNNING"  # its ending still waits in its file
+    assert got["killed"].info.status == "KILLED" and "interrupted" in got["killed"].data.tags["ia2ray.error"]
+    assert any("still-offline" in line for line in problems)
+    assert (tmp_path / "runs" / "still-offline" / "mlflow-pending.json").is_file()
+    assert not (tmp_path / "runs" / "finished-offline" / "mlflow-pending.json").exists()
 
 
 def test_children_left_running_by_a_kill_are_closed_as_killed(mlflow_server):
@@ -290,10 +348,11 @@ def test_a_study_survives_an_mlflow_outage_and_logs_everything_at_the_end(ray_cl
     assert "MLflow: not logged" not in err
     assert not list(study_dir.glob("runs/*/mlflow-pending.json"))  # all replayed
     client, parent, children = _study_runs(mlflow_server, study_dir)
-    assert parent.info.status == "FINISHED"
+    assert parent.info.status == "FINISHED" and "ia2ray.error" not in parent.data.tags
     assert sorted(c.data.tags["ia2ray.phase"] for c in children) == ["confirm", "confirm", "search", "search"]
     for child in children:
         assert child.info.status == "FINISHED" and child.data.params["lora.rank"] in ("2", "4", "8")
+        assert "ia2ray.error" not in child.data.tags
         summary = json.loads((study_dir / "runs" / child.info.run_name / "summary.json").read_text())
         steps = [h["step"] for h in summary["history"] if h["stage"] == "align" and "train_loss" in h]
         assert [s for s, _ in _history(client, child.info.run_id, "align/loss")] == steps

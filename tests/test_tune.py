@@ -121,7 +121,7 @@ def check_mlflow(url: str, study: Path, killed_run: str) -> None:
     (parent,) = [r for r in runs if r.data.tags.get("ia2ray.role") == "study"]
     children = [r for r in runs if r is not parent]
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children)
-    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert {r.info.status for r in runs} == {"FINISHED"} and not [r for r in runs if "ia2ray.error" in r.data.tags]
     names = sorted(r.info.run_name for r in children)
     trial_dirs = sorted(p.parent.name for p in study.glob("runs/trial-*/summary.json"))
     assert names == sorted(["confirm-ICL-s0", "confirm-IA2-SFT-s0", "confirm-best-1-s0", *trial_dirs])
@@ -148,8 +148,6 @@ def check_mlflow(url: str, study: Path, killed_run: str) -> None:
             "adapter", "config.yaml", "reliability.png", "summary.json"}
         assert {a.path for a in client.list_artifacts(run.info.run_id, "adapter")} >= {
             "adapter/adapter_config.json", "adapter/adapter_model.safetensors"}
-    killed = search[killed_run]
-    assert len(client.get_metric_history(killed.info.run_id, "align/loss")) > 0
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {
         "study.yaml", "pareto.csv", "pareto.png", "report.md", "report.csv", "reliability.png"}
     with open(study / "report.csv") as fh:

@@ -189,21 +189,37 @@ def dry_run_lines(p: PreparedStudy, plan: TrialPlan, cluster_note: str) -> list[
     return lines
 
 
-def tracking_node_errors(uri: Optional[str], nodes: int) -> list[str]:
-    """A study on several nodes logs from all of them: a local SQLite store cannot be shared."""
+LOOPBACK = ("localhost", "127.", "::1", "[::1]", "0.0.0.0")
+
+
+def tracking_node_errors(uri: Optional[str], nodes: int, hosts: int) -> list[str]:
+    """A study on several nodes logs from all of them: a local SQLite store cannot be shared, and a
+    server on this machine's loopback address is unreachable from the other machines (`hosts`:
+    distinct node addresses)."""
+    from urllib.parse import urlparse
+
     from ia2ray.tracking import is_local_uri
 
-    if uri and is_local_uri(uri) and nodes > 1:
+    if not uri:
+        return []
+    fix = "start an `mlflow server` that every node reaches and pass its URL (http://host:port), or --tracking-uri none"
+    if is_local_uri(uri) and nodes > 1:
         return [f"--tracking-uri / study.tracking_uri: the Ray cluster has {nodes} nodes, but {uri} is a local store "
-                "that trials on other nodes cannot write; start an `mlflow server` and pass its URL "
-                "(http://host:port), or --tracking-uri none"]
+                f"that trials on other nodes cannot write; {fix}"]
+    host = urlparse(uri).hostname or ""
+    if hosts > 1 and host.startswith(LOOPBACK):
+        return [f"--tracking-uri / study.tracking_uri: the Ray cluster spans {hosts} machines, but {uri} is a "
+                f"loopback address the other machines cannot reach; {fix}"]
     return []
 
 
 def check_tracking_nodes(uri: Optional[str]) -> None:
+    """Checked once, when the study starts: an autoscaling cluster that starts with its head alone
+    should be given a server URI (the cluster configs do)."""
     import ray
 
-    errors = tracking_node_errors(uri, len([n for n in ray.nodes() if n.get("Alive")]))
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    errors = tracking_node_errors(uri, len(alive), len({n.get("NodeManagerAddress") for n in alive}))
     if errors:
         raise ConfigError(errors, "the Ray cluster")
 
@@ -229,6 +245,9 @@ def run_study(p: PreparedStudy, resume: bool) -> dict:
     write_text_atomic(p.study_dir / "study.yaml", dump_yaml(p.study))
     parent, tracking = None, None
     if p.tracking_uri:
+        left, _ = replay_pending([f for f in [p.study_dir / PENDING_FILE] if f.is_file()])  # from a killed session
+        for line in left:
+            log.warning("MLflow: not logged: %s", line)
         parent, tracking = start_study_run(p.tracking_uri, p.study, p.base, p.study_dir, sid,
                                            p.base.task.name, describe(p.study))
         log.info("MLflow: %s, experiment %s, study run %s", p.tracking_uri, p.study.name, parent.run_id)
@@ -237,11 +256,28 @@ def run_study(p: PreparedStudy, resume: bool) -> dict:
     if parent is None:
         return _run(p, resume, None, None)
     with parent.running(p.study_dir / PENDING_FILE):
-        outcome = _run(p, resume, parent, tracking)
-        # trials whose runs could not all be logged left their buffers behind: one more try
-        outcome["tracking"] += replay_pending(sorted(p.study_dir.glob(f"runs/*/{PENDING_FILE}")))
+        try:
+            outcome = _run(p, resume, parent, tracking)
+        finally:  # also when the study fails or is interrupted: no trial run is left RUNNING
+            problems = close_trial_runs(p.study_dir, tracking)
+        outcome["tracking"] = problems
     outcome["tracking"] += [f"{p.study.name} (study run): {line}" for line in parent.unlogged]
     return outcome
+
+
+def close_trial_runs(study_dir: Path, tracking: dict) -> list[str]:
+    """After the trials: replay what trials left buffered (`runs/*/mlflow-pending.json`), then mark
+    KILLED any trial run still RUNNING whose ending is not waiting in such a file (its trial was
+    killed and did not run again). Returns what could not be logged."""
+    problems, waiting = replay_pending(sorted(study_dir.glob(f"runs/*/{PENDING_FILE}")))
+    try:
+        stuck = close_orphans(tracking["uri"], tracking["experiment_id"], tracking["parent_run_id"],
+                              "the study was interrupted and this trial did not run again", keep=waiting)
+        if stuck:
+            log.warning("MLflow: %d run(s) of interrupted trials marked KILLED", stuck)
+    except Exception as exc:  # noqa: BLE001 - MLflow down at the end: reported, the study stands
+        problems.append(f"could not check for trial runs left RUNNING: {exc}"[:500])
+    return problems
 
 
 def _run(p: PreparedStudy, resume: bool, parent, tracking: Optional[dict]) -> dict:
@@ -289,16 +325,7 @@ def _run(p: PreparedStudy, resume: bool, parent, tracking: Optional[dict]) -> di
                                    or front, metrics, p.base.eval.ece_scheme)
     write_pareto_csv(p.study_dir, front, metrics)
     write_json_atomic(p.study_dir / "timings.json", {**timings, "trials": len(trials), "errors": errors})
-    problems: list[str] = []
     if parent is not None:
         finish_study_run(parent, p.study_dir, rows_out, len(trials))
-        # every trial has ended: a child still RUNNING belongs to a trial killed earlier and not rerun
-        try:
-            stuck = close_orphans(tracking["uri"], tracking["experiment_id"], tracking["parent_run_id"],
-                                  "the study was interrupted and this trial did not run again")
-            if stuck:
-                log.warning("MLflow: %d run(s) of trials interrupted earlier marked KILLED", stuck)
-        except Exception as exc:  # noqa: BLE001 - MLflow down at the end: reported, the study stands
-            problems.append(f"could not check for trial runs left RUNNING: {exc}"[:500])
     return {"table": table, "report": str(p.study_dir / "report.md"), "errors": errors, "timings": timings,
-            "rows": rows_out, "tracking": problems}
+            "rows": rows_out, "tracking": []}

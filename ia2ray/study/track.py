@@ -75,7 +75,8 @@ def start_study_run(uri: str, study: StudyFile, base: RunConfig, study_dir: Path
     tags = common_tags(study, base, study_id, task)
     parent = RunLog(uri, experiment_id, {tag("study_id"): study_id, tag("role"): "study"},
                     {**tags, tag("role"): "study"}, run_name=study.name)
-    parent.log_params({**flat_params(study.study.model_dump(mode="json"), "study."),
+    settings = study.study.model_dump(mode="json", exclude={"tracking_uri"})  # may change on --resume
+    parent.log_params({**flat_params(settings, "study."),
                        **{f"search.{line.split(':', 1)[0]}": line.split(":", 1)[1].strip() for line in search_lines}})
     parent.log_artifact(study_dir / "study.yaml")
     if not parent.flush(force=True):
@@ -90,9 +91,10 @@ def trial_run(tracking: Optional[dict], key: str, cfg: RunConfig, phase: str, ex
     from ia2ray.core.fingerprint import content_hash
 
     resolved = cfg.model_dump(mode="json")
+    config_hash = content_hash({k: v for k, v in resolved.items() if k != "name"})
     tags = {**tracking["tags"], "mlflow.parentRunId": tracking["parent_run_id"], tag("phase"): phase,
-            tag("trial_key"): key, tag("config_hash"): content_hash({k: v for k, v in resolved.items() if k != "name"}),
-            tag("seed"): str(cfg.data.seed), tag("pipeline"): cfg.pipeline, **{tag(k): str(v) for k, v in extra.items()}}
+            tag("trial_key"): key, tag("config_hash"): config_hash, tag("seed"): str(cfg.data.seed),
+            tag("pipeline"): cfg.pipeline, **{tag(k): str(v) for k, v in extra.items()}}
     run = RunLog(tracking["uri"], tracking["experiment_id"],
                  {tag("study_id"): tracking["tags"][tag("study_id")], tag("trial_key"): key}, tags, run_name=cfg.name)
     run.log_params(flat_params(resolved))

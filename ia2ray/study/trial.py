@@ -126,8 +126,9 @@ def confirm_trial(config: dict, ctx: TrialContext) -> None:
     row = config["row"]
     cfg = apply_params(RunConfig.model_validate(ctx.base), row["params"], name=run_name(row["label"], row["seed"]),
                        **{"data.seed": row["seed"], "eval.icl_baseline": row["icl"]})
-    run = trial_run(ctx.tracking, cfg.name, cfg, "confirm",
-                    {"label": row["label"], **({"pipeline": "icl"} if row["icl"] else {})})
+    tags = {"label": row["label"], "trial_id": tune.get_context().get_trial_id(),
+            **({"pipeline": "icl"} if row["icl"] else {})}
+    run = trial_run(ctx.tracking, cfg.name, cfg, "confirm", tags)
     with running(run, Path(ctx.study_dir) / "runs" / cfg.name):
         summary = run_and_save(cfg, ctx.study_dir, ("val", "test"), {"label": row["label"], "params": row["params"],
                                "phase": "confirm"}, icl=row["icl"], run=run)

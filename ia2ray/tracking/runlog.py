@@ -60,7 +60,7 @@ def _client(uri: str):
     # MLflow's HTTP client retries for minutes by default; the buffer retries instead
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
@@ -81,9 +81,10 @@ def open_experiment(uri: str, name: str, artifact_location: Optional[str] = None
 
 
 def _permanent(exc: Exception) -> bool:
-    """MLflow refused the request itself (HTTP 4xx: a bad value); retrying cannot help."""
+    """MLflow refused the request itself (HTTP 4xx other than timeouts and rate limits: a bad value,
+    no permission); retrying cannot help."""
     status = getattr(exc, "get_http_status_code", lambda: 500)()
-    return 400 <= status < 500
+    return 400 <= status < 500 and status not in (408, 429)
 
 
 def describe(op: dict) -> str:
@@ -102,6 +103,8 @@ class RunLog:
 
     def __init__(self, uri: str, experiment_id: str, key: dict[str, str], tags: Optional[dict[str, str]] = None,
                  run_name: Optional[str] = None, flush_every_s: float = 5.0):
+        if any("'" in str(v) or "`" in str(k) for k, v in key.items()):
+            raise ValueError(f"run key {key}: quotes are not allowed in key tags (they go into a search filter)")
         self.uri, self.experiment_id, self.key = uri, experiment_id, dict(key)
         self.tags = {k: str(v) for k, v in {**self.key, **(tags or {})}.items() if v is not None}
         self.run_name, self.flush_every_s = run_name, flush_every_s
@@ -183,7 +186,16 @@ class RunLog:
         try:
             client = _client(self.uri)
             if self.run_id is None:
-                self._attach(client)
+                try:
+                    self._attach(client)
+                except Exception as exc:  # noqa: BLE001 - classified here
+                    if not _permanent(exc):
+                        raise
+                    # MLflow refuses to find or create the run (e.g. the experiment is gone): nothing can land
+                    self.dropped += [f"{describe(op)}: {exc}"[:500] for op in self.pending]
+                    log.warning("MLflow refused the run %s: %s", self.run_name or self.key, exc)
+                    self.pending = []
+                    return False
             while self.pending:
                 try:
                     self._apply(client, self.pending[0])
@@ -212,8 +224,8 @@ class RunLog:
         """Find the run by its key tags (continue it) or create it."""
         from mlflow.entities import RunTag
 
-        found = client.search_runs([self.experiment_id], " and ".join(f"tags.`{k}` = '{v}'" for k, v in self.key.items()),
-                                   max_results=10, order_by=["attributes.start_time ASC"])
+        where = " and ".join(f"tags.`{k}` = '{v}'" for k, v in self.key.items())
+        found = client.search_runs([self.experiment_id], where, max_results=10, order_by=["attributes.start_time ASC"])
         if not found:
             run = client.create_run(self.experiment_id, tags=self.tags, run_name=self.run_name)
             self.run_id = run.info.run_id
@@ -227,7 +239,9 @@ class RunLog:
         missing = [RunTag(k, v) for k, v in self.tags.items() if run.data.tags.get(k) != v]
         if missing:  # the run may have been created by another writer with fewer tags
             client.log_batch(self.run_id, tags=missing)
-        if run.info.status != "RUNNING":
+        if run.info.status != "RUNNING":  # an ended run continues: its old ending no longer holds
+            if tag("error") in run.data.tags:
+                client.delete_tag(self.run_id, tag("error"))
             client.update_run(self.run_id, status="RUNNING")
 
     def _read_steps(self, client, run) -> None:
@@ -263,12 +277,14 @@ class RunLog:
             op["data"] = []
         elif kind == "artifact":
             path = Path(op["path"])
-            if path.is_dir():
+            if not os.access(path, os.R_OK):
+                self.dropped.append(f"artifact {path}: not readable here")
+            elif path.is_dir():
                 client.log_artifacts(self.run_id, str(path), op["dest"])
             elif path.is_file():
                 client.log_artifact(self.run_id, str(path), op["dest"])
             else:
-                self.dropped.append(f"artifact {path}: no such file")
+                self.dropped.append(f"artifact {path}: not a file or folder")
         elif kind == "sync":
             self._read_steps(client, client.get_run(self.run_id))
         elif kind == "status":
@@ -280,21 +296,22 @@ class RunLog:
     # -- closing and replaying -------------------------------------------------------------------
     def state(self) -> dict:
         return {"uri": self.uri, "experiment_id": self.experiment_id, "key": self.key, "tags": self.tags,
-                "run_name": self.run_name, "run_id": self.run_id, "pending": self.pending}
+                "run_name": self.run_name, "run_id": self.run_id, "pending": self.pending, "dropped": self.dropped}
 
     def target(self) -> dict:
         """What another process needs to log into the same run (`RunLog.from_state`)."""
-        return {k: v for k, v in self.state().items() if k not in ("pending", "run_id")}
+        return {k: v for k, v in self.state().items() if k not in ("pending", "run_id", "dropped")}
 
     @classmethod
     def from_state(cls, state: dict) -> "RunLog":
         run = cls(state["uri"], state["experiment_id"], state["key"], state["tags"], state["run_name"])
-        run.pending = state.get("pending", [])
+        run.pending, run.dropped = state.get("pending", []), state.get("dropped", [])
         return run
 
     def close(self, pending_file: Optional[Path] = None, tries: int = 3) -> list[str]:
         """Flush (up to `tries` times); returns what could not be logged, one line per operation.
-        Operations still buffered are written to `pending_file` for `replay_pending`."""
+        Operations still buffered are written to `pending_file` for `replay_pending`, with the lines
+        of what MLflow refused, so the study can report both at its end."""
         for attempt in range(tries):
             if self.flush(force=True):
                 break
@@ -303,31 +320,43 @@ class RunLog:
         lines = list(self.dropped)
         if self.pending:
             lines += [f"{describe(op)} (buffered; MLflow unreachable)" for op in self.pending]
-            if pending_file is not None:
-                write_json_atomic(pending_file, self.state())
+        if pending_file is not None and lines:
+            write_json_atomic(pending_file, self.state())
+            if self.pending:
                 lines.append(f"kept in {pending_file}")
         elif pending_file is not None:
             Path(pending_file).unlink(missing_ok=True)
         return lines
 
 
-def replay_pending(files: list[Path]) -> list[str]:
-    """Retry the buffered operations of closed runs (their pending files); a file is removed once all
-    of it is logged. Returns what could still not be logged."""
-    problems = []
+def replay_pending(files: list[Path]) -> tuple[list[str], set[str]]:
+    """Retry the buffered operations of closed runs (their pending files) and collect what MLflow
+    refused. A file is removed once everything in it is logged or reported; one whose operations
+    still cannot be logged stays. Returns (what could not be logged, ids of the runs still waiting)."""
+    problems, waiting = [], set()
     for path in files:
-        run = RunLog.from_state(json.loads(Path(path).read_text()))
-        left = run.close(Path(path), tries=1)
+        state = json.loads(Path(path).read_text())
+        run = RunLog.from_state(state)  # found again by its tags: steps already logged are skipped
+        left = run.close(tries=1)
         problems += [f"{run.run_name or path}: {line}" for line in left]
-    return problems
+        if run.pending:
+            write_json_atomic(path, run.state() | {"dropped": [], "run_id": run.run_id or state.get("run_id")})
+            if run.run_id or state.get("run_id"):
+                waiting.add(run.run_id or state["run_id"])
+        else:
+            Path(path).unlink(missing_ok=True)
+    return problems, waiting
 
 
-def close_orphans(uri: str, experiment_id: str, parent_run_id: str, reason: str) -> int:
+def close_orphans(uri: str, experiment_id: str, parent_run_id: str, reason: str,
+                  keep: frozenset[str] | set[str] = frozenset()) -> int:
     """Mark children of `parent_run_id` still RUNNING (their trials were killed and did not run again)
-    KILLED with `reason` as error tag; returns how many."""
+    KILLED with `reason` as error tag, except the runs in `keep` (their ending is still buffered);
+    returns how many."""
     client = _client(uri)
     runs = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}' and "
                               "attributes.status = 'RUNNING'", max_results=1000)
+    runs = [r for r in runs if r.info.run_id not in keep]
     for run in runs:
         client.set_tag(run.info.run_id, tag("error"), reason)
         client.set_terminated(run.info.run_id, "KILLED")

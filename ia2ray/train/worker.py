@@ -140,12 +140,15 @@ def train_loop_per_worker(config: dict) -> None:
     wc.finished = list(resume["finished"]) if resume else []
     if job.tracking and wc.rank == 0:
         wc.live = RunLog.from_state(job.tracking)
-    for index in range(start_index, len(job.stages)):
-        mid_stage = resume if resume and resume["stage_index"] == index and resume["position"] else None
-        adapter = run_stage(job, index, teacher, adapter, mid_stage, wc)
-        resume = None
-    if wc.live is not None:
-        wc.live.close(tries=1)
+    try:
+        for index in range(start_index, len(job.stages)):
+            mid_stage = resume if resume and resume["stage_index"] == index and resume["position"] else None
+            adapter = run_stage(job, index, teacher, adapter, mid_stage, wc)
+            resume = None
+    finally:  # also when a stage fails: its last losses reach MLflow (the driver fills gaps on success)
+        if wc.live is not None:
+            for line in wc.live.close(tries=1):
+                log.warning("MLflow: not logged from the Train worker: %s", line)
 
 
 def run_stage(job: TrainJob, index: int, teacher: dict, adapter: Optional[dict], resume: Optional[dict],
