@@ -2,7 +2,7 @@
 
     python docs/screenshot.py --storage studies --study testbed [--out docs/mlflow-compare.png]
 
-Starts `mlflow ui` on the study storage's SQLite store (127.0.0.1, a free port), builds the compare
+Starts an `mlflow server` on the study storage's SQLite store (127.0.0.1, a free port), builds the compare
 URL of the study's search-trial runs, and takes the picture with headless Chromium (Debian package
 `chromium`).
 """
@@ -11,21 +11,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.parse
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ia2ray.tracking.server import free_port  # noqa: E402
+from ia2ray.study.track import study_runs  # noqa: E402
+from ia2ray.tracking.server import start_local_server  # noqa: E402
 
 
 def main() -> None:
@@ -37,38 +34,20 @@ def main() -> None:
     args = parser.parse_args()
     storage = Path(args.storage).resolve()
     uri = f"sqlite:///{storage / 'mlflow.db'}"
-    sid = json.loads((storage / args.study / "study.json").read_text())["study_id"]
-
-    from mlflow import MlflowClient
-
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(args.study)
-    runs = client.search_runs([exp.experiment_id], f"tags.`ia2ray.study_id` = '{sid}' and "
-                              "tags.`ia2ray.phase` = 'search' and attributes.status = 'FINISHED'",
-                              order_by=["metrics.`val/acc` DESC"])
-    ids = [r.info.run_id for r in runs]
-    port = free_port()
-    ui = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
-                           "--port", str(port), "--workers", "1"], stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(f"{base}/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(0.5)
-        query = urllib.parse.urlencode({"runs": json.dumps(ids), "experiments": json.dumps([exp.experiment_id])})
-        url = f"{base}/#/compare-runs?{query}"
-        with tempfile.TemporaryDirectory() as profile:
+    runs = study_runs(uri, storage / args.study, "tags.`ia2ray.phase` = 'search' and attributes.status = 'FINISHED'",
+                      order_by=["metrics.`val/acc` DESC"])
+    ids, experiment = [r.info.run_id for r in runs], runs[0].info.experiment_id
+    with tempfile.TemporaryDirectory() as tmp:
+        server = start_local_server(Path(tmp), backend_uri=uri)
+        try:
+            query = urllib.parse.urlencode({"runs": json.dumps(ids), "experiments": json.dumps([experiment])})
+            url = f"{server.url}/#/compare-runs?{query}"
             subprocess.run([shutil.which("chromium") or "chromium", "--headless", "--no-sandbox", "--disable-gpu",
-                            "--hide-scrollbars", f"--user-data-dir={profile}", f"--window-size={args.size}",
+                            "--hide-scrollbars", f"--user-data-dir={tmp}/profile", f"--window-size={args.size}",
                             "--virtual-time-budget=30000", f"--screenshot={args.out}", url], check=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=180)
-    finally:
-        os.killpg(ui.pid, signal.SIGTERM)
-        ui.wait(timeout=30)
+        finally:
+            server.stop()
     print(f"{len(ids)} runs; {url}\nwrote {args.out}")
 
 

@@ -285,11 +285,10 @@ def test_open_experiment_unreachable_is_a_tracking_error():
 
 # -- whole studies -----------------------------------------------------------------------------------
 def _study_runs(url: str, study_dir: Path):
-    """(parent, children) of the study in `study_dir`, found by its id."""
-    client = _client(url)
-    sid = json.loads((study_dir / "study.json").read_text())["study_id"]
-    exp = client.get_experiment_by_name(json.loads((study_dir / "study.json").read_text())["name"])
-    runs = client.search_runs([exp.experiment_id], f"tags.`ia2ray.study_id` = '{sid}'")
+    """(client, parent, children) of the study in `study_dir`, found by its id."""
+    from ia2ray.study.track import study_runs
+
+    client, runs = _client(url), study_runs(url, study_dir)
     parents = [r for r in runs if r.data.tags.get("ia2ray.role") == "study"]
     assert len(parents) == 1
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]

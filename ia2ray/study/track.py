@@ -12,6 +12,7 @@ test metrics.
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 from contextlib import nullcontext
@@ -51,9 +52,9 @@ def common_tags(study: StudyFile, base: RunConfig, study_id: str, task: str) -> 
     from ia2ray.core.fingerprint import fingerprint_model
     from ia2ray.core.model import model_dir
 
-    revision = base.model.revision or "main"
-    if Path(model_dir(base.model)).is_dir():  # local weights: by content
-        revision = "sha256:" + fingerprint_model(model_dir(base.model))[:16]
+    revision, weights = base.model.revision or "main", model_dir(base.model)
+    if Path(weights).is_dir():  # local weights: by content
+        revision = "sha256:" + fingerprint_model(weights)[:16]
     return {tag("study"): study.name, tag("study_id"): study_id, tag("code_version"): code_version(),
             tag("model"): base.model.path, tag("model_revision"): revision, tag("task"): task,
             tag("n"): str(base.data.n)}
@@ -148,3 +149,15 @@ def finish_study_run(parent: RunLog, study_dir: Path, table: list[dict], n_trial
     for name in PARENT_ARTIFACTS:
         if (study_dir / name).is_file():
             parent.log_artifact(study_dir / name)
+
+
+def study_runs(uri: str, study_dir: Path, where: str = "", order_by: Optional[list[str]] = None) -> list:
+    """The MLflow runs (parent and children) of the study in `study_dir`, found by the study id kept in
+    its `study.json`; `where` adds a filter clause (e.g. "tags.`ia2ray.phase` = 'search'")."""
+    from mlflow import MlflowClient
+
+    saved = json.loads((Path(study_dir) / "study.json").read_text())
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(saved["name"])
+    clause = f"tags.`{tag('study_id')}` = '{saved['study_id']}'" + (f" and {where}" if where else "")
+    return client.search_runs([experiment.experiment_id], clause, max_results=1000, order_by=order_by)

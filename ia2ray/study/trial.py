@@ -61,15 +61,19 @@ def objective_metrics(summary: dict, study: StudyFile) -> dict:
     return out
 
 
-def run_and_save(cfg: RunConfig, study_dir: str, splits: tuple[str, ...], extra: dict, icl: bool = False,
+def run_dir(ctx: TrialContext, cfg: RunConfig) -> Path:
+    """`<study>/runs/<run name>/`: the run's summary, adapter, config and plots."""
+    return Path(ctx.study_dir) / "runs" / cfg.name
+
+
+def run_and_save(cfg: RunConfig, out: Path, splits: tuple[str, ...], extra: dict, icl: bool = False,
                  run: Optional[RunLog] = None) -> dict:
     """Train and evaluate `cfg` (teacher from the cache only), or with `icl` evaluate only the ICL
-    baseline; write summary.json (with the stage histories) and adapter/ under `<study>/runs/<cfg.name>/`.
+    baseline; write summary.json (with the stage histories) and adapter/ into `out` (`run_dir`).
     The stage losses go to the MLflow `run` as they happen."""
     from ia2ray.core.pipeline import prepare_data, run_icl, run_pipeline, train_in_process
 
     start = time.perf_counter()
-    out = Path(study_dir) / "runs" / cfg.name
     resolved = cfg.model_dump(mode="json")
     done = out / "summary.json"
     if done.is_file():  # a resumed trial whose run had finished: same config, same result
@@ -105,12 +109,12 @@ def search_trial(config: dict, ctx: TrialContext) -> None:
     params = decode_point(study, config)
     cfg = apply_params(RunConfig.model_validate(ctx.base), params, name=f"trial-{trial_id}",
                        **{"eval.icl_baseline": False})
-    run = trial_run(ctx.tracking, trial_id, cfg, "search", {"trial_id": trial_id})
-    with running(run, Path(ctx.study_dir) / "runs" / cfg.name):
-        summary = run_and_save(cfg, ctx.study_dir, ("val",), {"trial_id": trial_id, "params": params,
-                                                              "phase": "search"}, run=run)
+    run, out = trial_run(ctx.tracking, trial_id, cfg, "search", {"trial_id": trial_id}), run_dir(ctx, cfg)
+    with running(run, out):
+        summary = run_and_save(cfg, out, ("val",), {"trial_id": trial_id, "params": params, "phase": "search"},
+                               run=run)
         metrics = objective_metrics(summary, study)
-        log_result(run, Path(ctx.study_dir) / "runs" / cfg.name, cfg, summary, ("val",), metrics)
+        log_result(run, out, cfg, summary, ("val",), metrics)
     tune.report(metrics)
 
 
@@ -128,10 +132,10 @@ def confirm_trial(config: dict, ctx: TrialContext) -> None:
                        **{"data.seed": row["seed"], "eval.icl_baseline": row["icl"]})
     tags = {"label": row["label"], "trial_id": tune.get_context().get_trial_id(),
             **({"pipeline": "icl"} if row["icl"] else {})}
-    run = trial_run(ctx.tracking, cfg.name, cfg, "confirm", tags)
-    with running(run, Path(ctx.study_dir) / "runs" / cfg.name):
-        summary = run_and_save(cfg, ctx.study_dir, ("val", "test"), {"label": row["label"], "params": row["params"],
+    run, out = trial_run(ctx.tracking, cfg.name, cfg, "confirm", tags), run_dir(ctx, cfg)
+    with running(run, out):
+        summary = run_and_save(cfg, out, ("val", "test"), {"label": row["label"], "params": row["params"],
                                "phase": "confirm"}, icl=row["icl"], run=run)
-        log_result(run, Path(ctx.study_dir) / "runs" / cfg.name, cfg, summary, ("val", "test"))
+        log_result(run, out, cfg, summary, ("val", "test"))
     tune.report({f"{split}/{key}": summary[split][key] for split in ("val", "test") for key in ("acc", "ece")
                  if summary[split].get(key) is not None})

@@ -37,14 +37,17 @@ class LocalServer:
                 os.killpg(self.proc.pid, signal.SIGKILL)
 
 
-def start_local_server(root: Path, port: Optional[int] = None, timeout_s: float = 120) -> LocalServer:
-    """`mlflow server` with `<root>/mlflow.db` and `<root>/artifacts`, one worker; waits for /health."""
+def start_local_server(root: Path, port: Optional[int] = None, timeout_s: float = 120,
+                       backend_uri: Optional[str] = None) -> LocalServer:
+    """`mlflow server` with `<root>/mlflow.db` (or an existing store, `backend_uri`) and `<root>/artifacts`,
+    one worker, its log in `<root>/server.log`; waits for /health."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     log = root / "server.log"
+    backend_uri = backend_uri or f"sqlite:///{root / 'mlflow.db'}"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
          "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1"], stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True, cwd=root)
     server = LocalServer(f"http://127.0.0.1:{port}", proc, log)
