@@ -55,3 +55,19 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+class StorageNotSharedError(RuntimeError):
+    """A folder the study wrote on one node is missing on the node this process runs on."""
+
+
+def require_visible(path: str | Path, what: str) -> None:
+    """Raise StorageNotSharedError unless `path` exists here: a trial or Train worker on a node that
+    does not mount the study's storage stops with a message that says so, not a missing-file error."""
+    if not Path(path).exists():
+        import socket
+
+        raise StorageNotSharedError(
+            f"{what} {path} is not visible on this node ({socket.gethostname()}): a study on several machines needs "
+            "--storage on a folder every node mounts at the same path (NFS: EFS, Filestore, a ReadWriteMany volume; "
+            "see cluster/README.md)")

@@ -22,7 +22,8 @@ from ia2ray.config import ConfigError, StudyFile
 from ia2ray.config.reference import cli_help
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (also used by the tests to check the cluster configs' entrypoints)."""
     parser = argparse.ArgumentParser(prog="python -m ia2ray.tune", description=__doc__.split("\n\n")[0],
                                      epilog=cli_help(StudyFile), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", metavar="FILE", help="study file (default: search_spaces/testbed.yaml)")
@@ -35,7 +36,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue the interrupted study of the same name")
     parser.add_argument("--dry-run", action="store_true",
                         help="validate, print the search space, trial count and resources per trial; start nothing")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from transformers.utils import logging as hf_logging
 

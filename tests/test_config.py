@@ -129,7 +129,7 @@ def test_example_yaml_round_trips_to_the_defaults():
 @pytest.mark.parametrize("path", sorted((ROOT / "search_spaces").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_validates_and_starts_with_its_command(path):
     first = path.read_text().splitlines()[0]
-    assert first.startswith(("# python -m ia2ray.", "# ray job submit")) and path.name in first
+    assert first.startswith(("# python -m ia2ray.", "# RAY_AUTH_MODE=token ray job submit")) and path.name in first
     load_run_config(path)
 
 

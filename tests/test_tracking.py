@@ -59,18 +59,23 @@ def test_tracking_uri_resolution(tmp_path, monkeypatch):
 
 
 def test_multi_node_study_needs_a_server():
-    from ia2ray.study.driver import tracking_node_errors
+    from ia2ray.study.cluster import ClusterShape, tracking_errors
 
-    assert tracking_node_errors("sqlite:////s/mlflow.db", 1, 1) == []
-    assert tracking_node_errors("http://mlflow:5000", 3, 3) == []
-    assert tracking_node_errors(None, 3, 3) == []
-    (err,) = tracking_node_errors("sqlite:////s/mlflow.db", 2, 1)
+    one, three = ClusterShape(1, 1), ClusterShape(3, 3)
+    assert tracking_errors("sqlite:////s/mlflow.db", one) == []
+    assert tracking_errors("http://mlflow:5000", three) == []
+    assert tracking_errors(None, three) == []
+    (err,) = tracking_errors("sqlite:////s/mlflow.db", ClusterShape(2, 1))
     assert "2 nodes" in err and "mlflow server" in err and "--tracking-uri" in err
+    (err,) = tracking_errors("sqlite:////s/mlflow.db", ClusterShape(1, 1, ["gpu1"]))
+    assert "autoscaler can add nodes of type gpu1" in err
     # a server on the loopback address: fine while every node is on this machine, refused across machines
-    assert tracking_node_errors("http://127.0.0.1:5000", 2, 1) == []
+    assert tracking_errors("http://127.0.0.1:5000", ClusterShape(2, 1)) == []
     for uri in ("http://127.0.0.1:5000", "http://localhost:5000"):
-        (err,) = tracking_node_errors(uri, 3, 2)
+        (err,) = tracking_errors(uri, ClusterShape(3, 2))
         assert "spans 2 machines" in err and "loopback" in err
+    (err,) = tracking_errors("http://127.0.0.1:5000", ClusterShape(1, 1, ["gpu8"]))
+    assert "autoscaler can add nodes" in err and "loopback" in err
 
 
 # -- RunLog against a real server ------------------------------------------------------------------

@@ -153,7 +153,12 @@ class TrainConfig(Section):
         "A run with the same `name` resumes from its last complete checkpoint.",
     )
     max_failures: int = Field(
-        0, ge=0, description="Worker-group restarts Ray Train may make per run; each resumes from the last checkpoint."
+        0, ge=0, description="Worker-group restarts Ray Train may make per run; each resumes from the last checkpoint "
+        "(e.g. after a spot GPU node is preempted).",
+    )
+    worker_resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources each Ray Train worker needs besides CPU/GPU, e.g. "
+        "`{trainer: 1}` to keep workers on one node type.",
     )
 
     @model_validator(mode="after")
@@ -303,7 +308,14 @@ class StudyConfig(Section):
         "keep drivers on on-demand nodes.",
     )
     storage: str = Field("studies", description="Parent folder of studies; a study lives in `<storage>/<name>` "
-                         "(Tune experiment, Optuna SQLite, teacher cache, checkpoints, report). `--storage` overrides.")
+                         "(Tune experiment, Optuna SQLite, teacher cache, checkpoints, report). `--storage` overrides. "
+                         "On a cluster of several machines it must be a folder every node mounts at the same path "
+                         "(NFS: EFS, Filestore, a ReadWriteMany volume).")
+    shared_storage: Optional[bool] = Field(
+        None, description="Whether every Ray node sees the storage folder. null: decided by its file system (network "
+        "file systems such as NFS count as shared); true: declare it shared (nodes on one machine, or a file system "
+        "ia2ray does not know). A study on several machines, or on an autoscaling cluster, refuses unshared storage.",
+    )
     tracking_uri: Optional[str] = Field(
         None, description="MLflow tracking URI (`--tracking-uri` overrides): an `mlflow server` URL (required when the "
         "cluster has more than one node) or `sqlite:///<file>`; null: $MLFLOW_TRACKING_URI, else "

@@ -19,6 +19,7 @@ from typing import Optional
 from ia2ray.config.load import ConfigError, dump_yaml, load_study_file
 from ia2ray.config.schema import RunConfig, StudyFile
 from ia2ray.fileio import write_json_atomic, write_text_atomic
+from ia2ray.study.cluster import check_cluster, cluster_shape
 from ia2ray.study.plan import TrialPlan, plan_trials
 from ia2ray.study.space import candidates, check_space, describe
 from ia2ray.study.trial import TrialContext, objectives
@@ -46,8 +47,9 @@ def default_study_path() -> Path:
 
 def check_storage(storage: str) -> list[str]:
     if "://" in storage:
-        return [f"--storage / study.storage = {storage!r}: only local or mounted shared folders are supported by "
-                "this version (the Optuna database and the teacher cache need a file system)"]
+        return [f"--storage / study.storage = {storage!r}: object-store URIs are not supported (the Optuna database "
+                "and the teacher cache need a file system); on a cluster use a folder every node mounts at the same "
+                "path (NFS: EFS, Filestore, a ReadWriteMany volume; see cluster/README.md)"]
     if not Path(storage).expanduser().is_absolute() and _job_working_dir():
         return [f"--storage / study.storage = {storage!r}: a relative path inside a Ray job with a working_dir "
                 "would put the study in the job's temporary copy of that folder; give an absolute path"]
@@ -189,41 +191,6 @@ def dry_run_lines(p: PreparedStudy, plan: TrialPlan, cluster_note: str) -> list[
     return lines
 
 
-LOOPBACK = ("localhost", "127.", "::1", "[::1]", "0.0.0.0")
-
-
-def tracking_node_errors(uri: Optional[str], nodes: int, hosts: int) -> list[str]:
-    """A study on several nodes logs from all of them: a local SQLite store cannot be shared, and a
-    server on this machine's loopback address is unreachable from the other machines (`hosts`:
-    distinct node addresses)."""
-    from urllib.parse import urlparse
-
-    from ia2ray.tracking import is_local_uri
-
-    if not uri:
-        return []
-    fix = "start an `mlflow server` that every node reaches and pass its URL (http://host:port), or --tracking-uri none"
-    if is_local_uri(uri) and nodes > 1:
-        return [f"--tracking-uri / study.tracking_uri: the Ray cluster has {nodes} nodes, but {uri} is a local store "
-                f"that trials on other nodes cannot write; {fix}"]
-    host = urlparse(uri).hostname or ""
-    if hosts > 1 and host.startswith(LOOPBACK):
-        return [f"--tracking-uri / study.tracking_uri: the Ray cluster spans {hosts} machines, but {uri} is a "
-                f"loopback address the other machines cannot reach; {fix}"]
-    return []
-
-
-def check_tracking_nodes(uri: Optional[str]) -> None:
-    """Checked once, when the study starts: an autoscaling cluster that starts with its head alone
-    should be given a server URI (the cluster configs do)."""
-    import ray
-
-    alive = [n for n in ray.nodes() if n.get("Alive")]
-    errors = tracking_node_errors(uri, len(alive), len({n.get("NodeManagerAddress") for n in alive}))
-    if errors:
-        raise ConfigError(errors, "the Ray cluster")
-
-
 def study_id(study_dir: Path) -> str:
     """The study's id: kept in study.json, so a resumed study keeps it (and finds its MLflow runs)."""
     saved = study_dir / "study.json"
@@ -236,10 +203,11 @@ def run_study(p: PreparedStudy, resume: bool) -> dict:
     "tracking"}. Raises ConfigError / TrackingError before any compute when the cluster or MLflow
     does not fit."""
     from ia2ray.study.track import start_study_run
-    from ia2ray.train.launch import ensure_ray
+    from ia2ray.train.launch import ensure_ray, pin_train_helpers
 
     ensure_ray()
-    check_tracking_nodes(p.tracking_uri)
+    check_cluster(str(p.study_dir.parent), p.study.study.shared_storage, p.tracking_uri, cluster_shape())
+    pin_train_helpers()
     sid = study_id(p.study_dir)
     p.study_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(p.study_dir / "study.yaml", dump_yaml(p.study))

@@ -62,7 +62,7 @@ def plan_trials(study: StudyFile, base: RunConfig, cluster: dict[str, float]) ->
         worker: dict = {}
     else:
         driver = {"CPU": s.driver_cpus, **s.driver_resources}
-        worker = {"CPU": t.cpus_per_worker, **gpu}
+        worker = {"CPU": t.cpus_per_worker, **gpu, **t.worker_resources}
     plan = TrialPlan(driver, worker, t.num_workers, use_gpu, 1)
     limits = [f"study.num_trials = {s.num_trials}"]
     fits = s.num_trials

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 from ia2ray.config.schema import RunConfig, StudyFile
-from ia2ray.fileio import atomic_dir, write_json_atomic
+from ia2ray.fileio import atomic_dir, require_visible, write_json_atomic
 from ia2ray.study.space import apply_params, decode_point
 from ia2ray.study.track import log_history, log_result, running, trial_run
 from ia2ray.tracking import RunLog
@@ -95,15 +95,22 @@ def run_and_save(cfg: RunConfig, out: Path, splits: tuple[str, ...], extra: dict
         summary = outcome.summary | {"history": outcome.history}
         with atomic_dir(out / "adapter") as tmp:
             outcome.model.save_pretrained(tmp)
-    summary.update(extra, seconds=round(time.perf_counter() - start, 3), config=resolved)
+    summary.update(extra, seconds=round(time.perf_counter() - start, 3), config=resolved, driver_node=_node_id())
     write_json_atomic(out / "summary.json", summary)
     return summary
+
+
+def _node_id() -> Optional[str]:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
 def search_trial(config: dict, ctx: TrialContext) -> None:
     """Tune function trainable of the search."""
     from ray import tune
 
+    require_visible(Path(ctx.study_dir) / "study.json", "the study folder's")
     study = StudyFile.model_validate(ctx.study)
     trial_id = tune.get_context().get_trial_id()
     params = decode_point(study, config)
@@ -127,6 +134,7 @@ def confirm_trial(config: dict, ctx: TrialContext) -> None:
     validation and test splits."""
     from ray import tune
 
+    require_visible(Path(ctx.study_dir) / "study.json", "the study folder's")
     row = config["row"]
     cfg = apply_params(RunConfig.model_validate(ctx.base), row["params"], name=run_name(row["label"], row["seed"]),
                        **{"data.seed": row["seed"], "eval.icl_baseline": row["icl"]})

@@ -56,6 +56,22 @@ def ensure_ray(num_cpus: Optional[float] = None) -> None:
         ray.init(num_cpus=num_cpus, log_to_driver=True, runtime_env=RUNTIME_ENV)
 
 
+def pin_train_helpers() -> None:
+    """Create Ray Train's detached autoscaling-coordinator actor on this (the study driver's) node.
+
+    Ray Train 2.60 creates it, detached and pinned, on the node of the first Train controller, which
+    sits beside the first trial driver: on an autoscaling cluster that node then never becomes idle
+    and is never scaled down (seen with the fake multi-node provider). Created first from the study
+    driver, it lives on the head instead; Train finds it by name. Best effort: the helper is private."""
+    try:
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator,
+        )
+    except ImportError:  # another Ray version: nothing to pin
+        return
+    get_or_create_autoscaling_coordinator()
+
+
 def local_run_dir(storage: str, name: str) -> Optional[str]:
     """The run folder when storage is a local path (workers scan it for checkpoints Ray did not
     register); None for remote storage, where only Ray's registered checkpoints are used."""
@@ -84,7 +100,7 @@ def fit(job: TrainJob, name: str, storage: str, use_gpu: Optional[bool] = None, 
             log.info("run %s already finished; using %s", name, latest)
             return FitOutcome(state["adapter"], state["finished"], str(latest), {"fit": 0.0})
     cfg = job.train
-    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {}), **cfg.worker_resources}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job, "use_gpu": use_gpu, "run_dir": run_dir, "launched": time.time()},

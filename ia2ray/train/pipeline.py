@@ -74,7 +74,8 @@ def train_with_ray(cfg: RunConfig, model, tokenizer, stages: list[StageWork], te
     load_trainable_state(model, outcome.adapter)
     # stage summaries carry the workers' timings (model load, DeepSpeed init, training), as recorded
     # in the final checkpoint (a rerun of a finished run returns the same)
-    results = [({**f["result"], "timings": f.get("timings", {})}, f["history"]) for f in outcome.finished]
+    results = [({**f["result"], "timings": f.get("timings", {}), "placement": f.get("placement", {})}, f["history"])
+               for f in outcome.finished]
     if on_log:
         for summary, history in results:
             for h in history:

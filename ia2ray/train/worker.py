@@ -40,6 +40,7 @@ from ia2ray.core.stages import (
     is_out_of_memory,
     out_of_memory,
 )
+from ia2ray.fileio import require_visible
 from ia2ray.tracking import RunLog
 from ia2ray.tracking.shape import step_metrics
 from ia2ray.train import checkpoint as ckpt
@@ -106,6 +107,7 @@ class WorkerContext:
     started: float = 0.0  # wall clock when this worker's loop began
     finished: list[dict] = field(default_factory=list)  # {"result": StageResult summary, "history": [...]}
     live: Optional[RunLog] = None  # rank 0's MLflow run, when the job has one
+    node_id: Optional[str] = None  # the Ray node this worker runs on
 
 
 def record(result: StageResult, entry: dict, wc: WorkerContext) -> None:
@@ -126,7 +128,8 @@ def train_loop_per_worker(config: dict) -> None:
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     torch.set_num_threads(max(1, int(job.train.cpus_per_worker)))
     wc = WorkerContext(ctx.get_world_rank(), ctx.get_world_size(), device, on_gpu,
-                       launched=config.get("launched"), started=started)
+                       launched=config.get("launched"), started=started,
+                       node_id=ray.get_runtime_context().get_node_id())
     logging.basicConfig(level=logging.INFO if wc.rank == 0 else logging.WARNING)
 
     import deepspeed
@@ -268,7 +271,10 @@ def run_stage(job: TrainJob, index: int, teacher: dict, adapter: Optional[dict],
                "deepspeed_init_s": clock["engine_ready"] - clock["model_loaded"],
                "train_s": clock["trained"] - clock["engine_ready"], "rss_start_mb": clock["rss_start"],
                "rss_end_mb": _rss_mb(), "worker_start_s": wc.started - wc.launched if wc.launched else None}
-    wc.finished.append({"result": result.summary(), "history": result.history, "timings": timings})
+    # where rank 0 trained the stage, and the step it resumed from (a restarted or preempted worker group)
+    placement = {"node_id": wc.node_id, "resumed_at_step": resume["position"]["step"] if resume else None}
+    wc.finished.append({"result": result.summary(), "history": result.history, "timings": timings,
+                        "placement": placement})
     best = stopper.best_state
     final = index == len(job.stages) - 1
     save(final, True, fields(pos.step, stage_done=True))
@@ -353,6 +359,7 @@ def _load_teacher(job: TrainJob, wc: WorkerContext) -> dict:
         wanted |= {r.record for r in spec.train if r.record is not None}
         wanted |= {r.record for r in spec.dev[wc.rank :: wc.world] if r.record is not None}
     root, key = job.teacher_cache
+    require_visible(root, "the teacher cache")
     return ActivationCache(root).load_subset(key, sorted(wanted)) if wanted else {}
 
 
