@@ -33,6 +33,8 @@ class RayHead:
         token = self.root / "auth_token"
         token.write_text(secrets.token_hex(32))
         self.port = port or free_port()
+        if _bound(self.port):  # e.g. someone's own head on 6379: never start beside it, never touch it
+            raise RuntimeError(f"port {self.port} is in use; stop what listens there first")
         self.dashboard_port = free_port()
         self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
                     "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}", **(extra_env or {})}
@@ -66,32 +68,43 @@ class RayHead:
         return (self.root / "head.log").read_text()[-4000:]
 
     def processes(self) -> list[psutil.Process]:
-        """Every process of this cluster: the head's process group, and anything whose command line
-        names this head's temp dir or GCS port (fake worker nodes, Ray workers)."""
-        marks = (str(self.root), f":{self.port}")
+        """Every live process of this cluster: the head's process group and anything whose command line
+        names this head's own temp dir (its raylets, fake worker nodes and Ray workers all do)."""
         found = []
-        for p in psutil.process_iter(["pid", "cmdline"]):
-            cmd = " ".join(p.info["cmdline"] or [])
-            if p.pid != os.getpid() and any(m in cmd for m in marks):
-                found.append(p)
+        for p in psutil.process_iter(["pid", "cmdline", "status"]):
+            try:
+                if p.info["status"] == psutil.STATUS_ZOMBIE or p.pid == os.getpid():
+                    continue
+                if str(self.root) in " ".join(p.info["cmdline"] or []) or os.getpgid(p.pid) == self.proc.pid:
+                    found.append(p)
+            except (psutil.Error, ProcessLookupError):
+                pass
         return found
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 60) -> None:
+        """SIGTERM the head (it stops its own processes), then kill whatever of this cluster is left,
+        until nothing is."""
         try:
             os.killpg(self.proc.pid, signal.SIGTERM)
             self.proc.wait(timeout=30)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             pass
-        for p in self.processes():
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        deadline = time.time() + timeout
+        while (left := self.processes()) and time.time() < deadline:
+            for p in left:
+                try:
+                    p.kill()
+                except psutil.Error:
+                    pass
+            psutil.wait_procs(left, timeout=10)
         self.log.close()
+
+
+def _bound(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _http_up(url: str) -> bool:

@@ -41,6 +41,17 @@ def test_file_system_of_a_path(path, fstype):
     assert file_system(Path(path), MOUNTS) == fstype
 
 
+@pytest.mark.parametrize("path, shared", [
+    ("/mnt/ia2ray/studies", True),
+    ("/mnt/ia2ray/filestore/studies", True),
+    ("/mnt/ia2ray-scratch/studies", False),
+    ("/mnt/my bucket/studies", False),  # a bucket FUSE mount cannot hold SQLite databases
+    ("/home/ray/studies", False),
+])
+def test_network_file_systems_count_as_shared(path, shared):
+    assert is_shared(path, None, MOUNTS)[0] is shared
+
+
 def test_file_system_of_this_machine():
     assert file_system(Path("/proc/self/status")) == "proc"
     assert file_system(Path("/")) != ""
@@ -88,3 +99,16 @@ def test_scalable_node_types_from_the_launchers_bootstrap_config(tmp_path, monke
     assert scalable_node_types() == []
     shutil.copy(ROOT / "cluster" / "aws.yaml", tmp_path / "ray_bootstrap_config.yaml")
     assert scalable_node_types() == ["driver", "gpu1", "gpu8"]
+
+
+def test_a_kuberay_head_knows_worker_pods_can_join():
+    """The shipped KubeRay configs set IA2RAY_KUBERAY_CLUSTER on the head pod (Kubernetes sets
+    KUBERNETES_SERVICE_HOST in every pod)."""
+    env = {"KUBERNETES_SERVICE_HOST": "10.0.0.1", "IA2RAY_KUBERAY_CLUSTER": "ia2ray"}
+    assert scalable_node_types(env) == ["KubeRay worker groups of ia2ray"]
+    assert scalable_node_types({"KUBERNETES_SERVICE_HOST": "10.0.0.1", "RAY_CLUSTER_NAME": "rc"}) == [
+        "KubeRay worker groups of rc"]
+    assert scalable_node_types({"IA2RAY_KUBERAY_CLUSTER": "ia2ray"}) == []  # not in a pod: not KubeRay
+    for path in ("raycluster.yaml", "rayjob.yaml"):
+        text = (ROOT / "cluster" / "kuberay" / path).read_text()
+        assert "name: IA2RAY_KUBERAY_CLUSTER" in text and "metadata.labels['ray.io/cluster']" in text

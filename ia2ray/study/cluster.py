@@ -5,15 +5,18 @@ node and logs to MLflow from every node. So when the cluster spans machines, or 
 nodes, the storage must be a folder every node mounts at the same path (NFS and other network file
 systems, or `study.shared_storage: true`), and MLflow must be a server every node reaches.
 
-What can join later: autoscaler v2 (KubeRay) publishes its node groups in the GCS; the cluster
-launcher's v1 autoscaler leaves `~/ray_bootstrap_config.yaml` on the head. Neither exists for
-`ray start` by hand or Ray's fake multi-node provider, whose nodes all run on this machine. A node
-that joins later and still does not see the folder stops its trial with a clear message
-(`ia2ray.fileio.require_visible`).
+What can join later: the cluster launcher leaves `~/ray_bootstrap_config.yaml` (its node types) on the
+head; on KubeRay the head pod's environment names the RayCluster (`IA2RAY_KUBERAY_CLUSTER`, set by the
+shipped configs, or `RAY_CLUSTER_NAME`), and worker pods run on other Kubernetes nodes; an autoscaler
+that publishes its node groups in the GCS (`get_cluster_config`; Ray 2.60's do not) lists them. None
+of these exists for `ray start` by hand or Ray's fake multi-node provider, whose nodes all run on this
+machine. A node that joins later and still does not see the folder stops its trial with a clear
+message (`ia2ray.fileio.require_visible`).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -21,10 +24,12 @@ from urllib.parse import urlparse
 
 from ia2ray.config.load import ConfigError
 
-# file systems every node of a cluster can mount at the same path (the kernel's names in /proc/mounts)
+# file systems every node of a cluster can mount at the same path (the kernel's names in /proc/mounts).
+# Not bucket FUSE mounts (gcsfuse, s3fs, mountpoint-s3): they cannot hold the Optuna SQLite database.
 NETWORK_FILE_SYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "ceph", "glusterfs", "beegfs",
-                        "fuse.")
+                        "fuse.cephfs", "fuse.ceph-fuse", "fuse.glusterfs", "fuse.juicefs", "fuse.sshfs")
 LOOPBACK = ("localhost", "127.", "::1", "[::1]", "0.0.0.0")
+KUBERAY_ENV = "IA2RAY_KUBERAY_CLUSTER"  # set on the head pod by cluster/kuberay/*.yaml (the pod's ray.io/cluster label)
 BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"  # the cluster launcher's copy of the cluster config on the head
 
 
@@ -65,12 +70,12 @@ def file_system(path: Path, mounts: Optional[str] = None) -> str:
     return fstype
 
 
-def is_shared(storage: str, declared: Optional[bool]) -> tuple[bool, str]:
-    """Whether every node sees `storage`, and why."""
+def is_shared(storage: str, declared: Optional[bool], mounts: Optional[str] = None) -> tuple[bool, str]:
+    """Whether every node sees `storage` (and can hold the study's SQLite files), and why."""
     if declared is not None:
         return declared, f"study.shared_storage = {str(declared).lower()}"
-    fstype = file_system(Path(storage).expanduser())
-    shared = fstype.startswith(NETWORK_FILE_SYSTEMS)
+    fstype = file_system(Path(storage).expanduser(), mounts)
+    shared = fstype in NETWORK_FILE_SYSTEMS
     return shared, f"its file system is {fstype or 'unknown'}"
 
 
@@ -107,11 +112,16 @@ def tracking_errors(uri: Optional[str], shape: ClusterShape) -> list[str]:
     return []
 
 
-def scalable_node_types() -> list[str]:
-    """Worker node types the autoscaler may add: from autoscaler v2's cluster config in the GCS, else
-    from the cluster launcher's bootstrap config on this (head) node."""
+def scalable_node_types(env: Optional[dict] = None) -> list[str]:
+    """Worker node types that may join: KubeRay worker groups (this process runs in a KubeRay pod), the
+    node groups an autoscaler published in the GCS, else those of the cluster launcher's bootstrap config
+    on this (head) node."""
     import ray._private.state
 
+    env = os.environ if env is None else env
+    kuberay = env.get(KUBERAY_ENV) or env.get("RAY_CLUSTER_NAME")
+    if env.get("KUBERNETES_SERVICE_HOST") and kuberay:
+        return [f"KubeRay worker groups of {kuberay}"]
     types = []
     try:
         config = ray._private.state.state.get_cluster_config()

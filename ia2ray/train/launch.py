@@ -69,7 +69,11 @@ def pin_train_helpers() -> None:
         )
     except ImportError:  # another Ray version: nothing to pin
         return
-    get_or_create_autoscaling_coordinator()
+    try:
+        get_or_create_autoscaling_coordinator()
+    except Exception as exc:  # noqa: BLE001 - a private API: the study runs without the pin
+        log.warning("could not create Ray Train's autoscaling coordinator on this node (%s); an autoscaler may "
+                    "keep the first trial's node up", exc)
 
 
 def local_run_dir(storage: str, name: str) -> Optional[str]:

@@ -359,8 +359,9 @@ def _load_teacher(job: TrainJob, wc: WorkerContext) -> dict:
         wanted |= {r.record for r in spec.train if r.record is not None}
         wanted |= {r.record for r in spec.dev[wc.rank :: wc.world] if r.record is not None}
     root, key = job.teacher_cache
-    require_visible(root, "the teacher cache")
-    return ActivationCache(root).load_subset(key, sorted(wanted)) if wanted else {}
+    cache = ActivationCache(root)
+    require_visible(cache.path(key), "the teacher cache entry")
+    return cache.load_subset(key, sorted(wanted)) if wanted else {}
 
 
 def _resume_state(checkpoint, resume_from: Optional[str], job: TrainJob, wc: WorkerContext) -> Optional[dict]:
