@@ -43,6 +43,12 @@ class ClusterShape:
     def multi_machine(self) -> bool:
         return self.hosts > 1 or bool(self.scalable)
 
+    def spread(self) -> str:
+        """Why the study may run on several machines (when `multi_machine`)."""
+        if self.hosts > 1:
+            return f"the Ray cluster spans {self.hosts} machines"
+        return f"the autoscaler can add nodes of type {', '.join(self.scalable)}"
+
 
 def file_system(path: Path, mounts: Optional[str] = None) -> str:
     """The type of the file system holding `path`: that of the longest mount point containing it in
@@ -83,11 +89,9 @@ def storage_errors(storage: str, shared: bool, why: str, shape: ClusterShape) ->
     """The storage rule: a study that can run on several machines needs storage every node sees."""
     if shared or not shape.multi_machine:
         return []
-    where = (f"the Ray cluster spans {shape.hosts} machines" if shape.hosts > 1 else
-             f"the autoscaler can add nodes of type {', '.join(shape.scalable)}")
-    return [f"--storage / study.storage = {storage!r}: {where}, but this folder is local to one machine ({why}). "
-            "Every node writes the study folder (teacher cache, checkpoints, trial results): pass a folder every "
-            "node mounts at the same path (NFS: EFS, Filestore, a ReadWriteMany volume; see cluster/README.md), "
+    return [f"--storage / study.storage = {storage!r}: {shape.spread()}, but this folder is local to one machine "
+            f"({why}). Every node writes the study folder (teacher cache, checkpoints, trial results): pass a folder "
+            "every node mounts at the same path (NFS: EFS, Filestore, a ReadWriteMany volume; see cluster/README.md), "
             "or set study.shared_storage=true if it is shared"]
 
 
@@ -100,15 +104,13 @@ def tracking_errors(uri: Optional[str], shape: ClusterShape) -> list[str]:
         return []
     fix = "start an `mlflow server` that every node reaches and pass its URL (http://host:port), or --tracking-uri none"
     if is_local_uri(uri) and (shape.nodes > 1 or shape.scalable):
-        where = (f"the Ray cluster has {shape.nodes} nodes" if shape.nodes > 1 else
-                 f"the autoscaler can add nodes of type {', '.join(shape.scalable)}")
+        where = f"the Ray cluster has {shape.nodes} nodes" if shape.nodes > 1 else shape.spread()
         return [f"--tracking-uri / study.tracking_uri: {where}, but {uri} is a local store that trials on other "
                 f"nodes cannot write; {fix}"]
     host = urlparse(uri).hostname or ""
     if shape.multi_machine and host.startswith(LOOPBACK):
-        where = f"the Ray cluster spans {shape.hosts} machines" if shape.hosts > 1 else "the autoscaler can add nodes"
-        return [f"--tracking-uri / study.tracking_uri: {where}, but {uri} is a loopback address the other machines "
-                f"cannot reach; {fix}"]
+        return [f"--tracking-uri / study.tracking_uri: {shape.spread()}, but {uri} is a loopback address the other "
+                f"machines cannot reach; {fix}"]
     return []
 
 
