@@ -112,3 +112,19 @@ def test_a_kuberay_head_knows_worker_pods_can_join():
     for path in ("raycluster.yaml", "rayjob.yaml"):
         text = (ROOT / "cluster" / "kuberay" / path).read_text()
         assert "name: IA2RAY_KUBERAY_CLUSTER" in text and "metadata.labels['ray.io/cluster']" in text
+
+
+def test_a_node_without_the_study_folder_says_so(tmp_path):
+    """What a trial driver or Train worker on a node that does not mount the storage raises."""
+    import socket
+
+    from ia2ray.fileio import StorageNotSharedError, require_visible
+
+    (tmp_path / "study.json").write_text("{}")
+    require_visible(tmp_path / "study.json", "the study folder's")  # present: nothing happens
+    missing = tmp_path / "other" / "study.json"
+    with pytest.raises(StorageNotSharedError) as exc:
+        require_visible(missing, "the study folder's")
+    text = str(exc.value)
+    assert text.startswith(f"the study folder's {missing} is not visible on this node ({socket.gethostname()})")
+    assert "every node mounts at the same path" in text
