@@ -83,9 +83,10 @@ def test_ray_job_submit_runs_the_smoke_study(tmp_path, mlflow_server, ia2ray_hom
     assert head.processes() == []
 
 
-FAKE_STUDY = ["--set", "study.driver_resources={trial_driver: 1}", "--set", "train.worker_resources={trainer: 1}",
-              "--set", "study.max_concurrent=2", "--set", "study.num_trials=2",
-              "--set", "study.confirm.top_k=0", "--set", "study.confirm.baselines=[icl]"]
+# trial drivers on `trial_driver` nodes, Train workers on `trainer` nodes, confirmation: the ICL row only
+PLACED = ["--set", "study.driver_resources={trial_driver: 1}", "--set", "train.worker_resources={trainer: 1}",
+          "--set", "study.confirm.top_k=0", "--set", "study.confirm.baselines=[icl]"]
+FAKE_STUDY = [*PLACED, "--set", "study.max_concurrent=2", "--set", "study.num_trials=2"]
 
 
 def test_fake_autoscaler_adds_nodes_for_trials_and_removes_them_when_idle(tmp_path, ia2ray_home):
@@ -149,14 +150,12 @@ import json, os, subprocess, sys, time
 from pathlib import Path
 from ray.cluster_utils import Cluster
 
-config, storage = sys.argv[1], Path(sys.argv[2])
+config, storage, placed = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"trial_driver": 1}})
 spot = cluster.add_node(num_cpus=1, resources={"trainer": 1})
 cluster.wait_for_nodes()
-args = ["--set", "study.driver_resources={trial_driver: 1}", "--set", "train.worker_resources={trainer: 1}",
-        "--set", "train.max_failures=2", "--set", "study.num_trials=1", "--set", "study.confirm.top_k=0",
-        "--set", "study.confirm.baselines=[icl]", "--set", "train.max_epochs=60", "--set", "train.patience=100",
-        "--set", "train.checkpoint_every=2"]
+args = [*placed, "--set", "train.max_failures=2", "--set", "study.num_trials=1", "--set", "train.max_epochs=60",
+        "--set", "train.patience=100", "--set", "train.checkpoint_every=2"]
 study = subprocess.Popen([sys.executable, "-m", "ia2ray.tune", "--config", config, "--storage", str(storage),
                           "--tracking-uri", "none", *args], env=dict(os.environ, RAY_ADDRESS=cluster.address),
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -188,7 +187,7 @@ def test_a_lost_worker_node_resumes_from_the_last_checkpoint(tmp_path, ia2ray_ho
     resumes from that checkpoint (not from step 0), and the study finishes."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["IA2RAY_HOME"] = str(ia2ray_home)
-    out = subprocess.run([sys.executable, "-c", PREEMPT, SMOKE, str(tmp_path / "studies")], cwd=ROOT, env=env,
+    out = subprocess.run([sys.executable, "-c", PREEMPT, SMOKE, str(tmp_path / "studies"), *PLACED], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=1200)
     lines = [line for line in out.stdout.splitlines() if line.startswith("REPORT ")]
     assert lines, out.stdout[-3000:] + out.stderr[-3000:]
