@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="FILE", help="study file (default: search_spaces/testbed.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key, e.g. --set study.num_trials=8 (repeatable)")
-    parser.add_argument("--storage", metavar="DIR", help="parent folder of studies (default: study.storage)")
+    parser.add_argument("--storage", metavar="DIR", help="parent folder of studies, or a bucket URI (s3://, gs://) "
+                        "(default: study.storage)")
     parser.add_argument("--tracking-uri", metavar="URI",
                         help="MLflow tracking URI (default: study.tracking_uri, $MLFLOW_TRACKING_URI, else "
                              "sqlite:///<storage>/mlflow.db); `none` turns tracking off")

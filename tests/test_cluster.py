@@ -4,7 +4,9 @@ after the default suite):
 - `ray job submit --working-dir . -- python -m ia2ray.tune` against a `ray start --head` with token auth;
 - Ray's fake multi-node autoscaler (cluster/fake-multinode.yaml) adding nodes for trials and removing
   them when idle;
-- a spot-style node loss mid-training (`ray.cluster_utils.Cluster`) resumed from the last checkpoint.
+- a spot-style node loss mid-training (`ray.cluster_utils.Cluster`) resumed from the last checkpoint;
+- a study in an S3 bucket (a local moto server) with trials on another node, each node working in
+  its own local copy, resumed from the bucket alone.
 
 Each test starts and tears down its own cluster in other processes, beside the session's.
 """
@@ -201,3 +203,89 @@ def test_a_lost_worker_node_resumes_from_the_last_checkpoint(tmp_path, ia2ray_ho
     assert sft["placement"]["node_id"] == report["replacement"]
     steps = [h["step"] for h in summary["history"] if h["stage"] == "align" and "train_loss" in h]
     assert steps == sorted(set(steps)) and steps[0] == 1, steps  # no step twice, none missing at the start
+
+
+BUCKET = """
+import json, os, shutil, subprocess, sys
+from pathlib import Path
+from ray.cluster_utils import Cluster
+from ia2ray import mirror
+
+config, storage, copies, placed = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4:]
+study_uri = storage + "/smoke"
+# every node keeps its local copies apart, as on separate machines
+cluster = Cluster(initialize_head=True,
+                  head_node_args={"num_cpus": 1, "env_vars": {"IA2RAY_MIRROR": str(copies / "head")}})
+worker = cluster.add_node(num_cpus=2, resources={"trial_driver": 1, "trainer": 1},
+                          env_vars={"IA2RAY_MIRROR": str(copies / "worker")})
+cluster.wait_for_nodes()
+env = dict(os.environ, RAY_ADDRESS=cluster.address, IA2RAY_MIRROR=str(copies / "driver"))
+args = [*placed, "--set", "study.num_trials=2", "--set", "study.confirm.top_k=1"]  # ICL and best-1
+report = {"head": cluster.head_node.node_id, "worker": worker.node_id, "runs": []}
+try:
+    for extra in ([], ["--resume"]):
+        out = subprocess.run([sys.executable, "-m", "ia2ray.tune", "--config", config, "--storage", storage,
+                              "--tracking-uri", "none", *args, *extra], env=env, capture_output=True, text=True,
+                             timeout=900)
+        (copies / f"study-{len(report['runs'])}.log").write_text(out.stdout + out.stderr)
+        report["runs"].append({"exit": out.returncode, "log": (out.stdout + out.stderr)[-5000:],
+                               "train": sorted(mirror._remote_files(study_uri, "train")),
+                               "study": json.loads(mirror.read_text(study_uri + "/study.json")),
+                               "errors": json.loads(mirror.read_text(study_uri + "/timings.json"))["errors"]})
+        if out.returncode:
+            break
+        if not extra:  # the resumed study has only the bucket to go on
+            shutil.rmtree(copies / "driver")
+finally:
+    cluster.shutdown()
+print("REPORT " + json.dumps(report))
+"""
+
+
+def test_a_bucket_study_runs_across_nodes_and_resumes_from_the_bucket(tmp_path, ia2ray_home, s3):
+    """`--storage s3://...` with trial drivers and Train workers on another node than the study driver,
+    every node in its own local copy (IA2RAY_MIRROR per node): the study finishes, every result is in
+    the bucket, and `--resume` from an empty local copy restores the finished study without training."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["IA2RAY_HOME"] = str(ia2ray_home)
+    storage, copies = f"s3://{s3.bucket}/studies", tmp_path / "copies"
+    out = subprocess.run([sys.executable, "-c", BUCKET, SMOKE, storage, str(copies), *PLACED], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=2400)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("REPORT ")]
+    assert lines, out.stdout[-3000:] + out.stderr[-3000:]
+    report = json.loads(lines[-1][len("REPORT "):])
+    first, resumed = report["runs"]
+    assert first["exit"] == 0 and resumed["exit"] == 0, report
+    assert first["errors"] == [] and resumed["errors"] == [], (first["errors"], resumed["errors"])
+    assert f"report: {storage}/smoke/report.md" in resumed["log"]
+
+    from ia2ray import mirror
+
+    uri = f"{storage}/smoke"
+    files = mirror._remote_files(uri, "")
+    summaries = {name.split("/")[1]: json.loads(mirror.read_text(f"{uri}/{name}")) for name in files
+                 if name.startswith("runs/") and name.endswith("/summary.json")}
+    assert sorted(s["phase"] for s in summaries.values()) == ["confirm", "confirm", "search", "search"]
+    for name, summary in summaries.items():  # every trial ran on the worker node, not the study driver's
+        assert summary["driver_node"] == report["worker"] != report["head"], name
+        assert all(stage["placement"]["node_id"] == report["worker"] for stage in summary.get("stages", []))
+    assert {"study.json", "optuna.db", "report.md", "report.csv", "teacher.jsonl", "timings.json"} <= set(files)
+    keys = {name.split("/")[1] for name in files if name.startswith("activations/") and name.endswith("manifest.json")}
+    assert len(keys) == 2  # the two sites of the smoke study
+
+    # the worker node's copy: the trials' own folders, and the teacher entries it fetched
+    worker = copies / "worker" / "s3" / s3.bucket / "studies" / "smoke"
+    assert {p.parent.name for p in worker.glob("runs/*/summary.json")} == set(summaries)
+    assert {p.parent.name for p in worker.glob("activations/*/manifest.json")} <= keys
+    assert (worker / "activations").is_dir()
+    # the study driver's copy, rebuilt from the bucket by --resume: no Tune or Train folders in it
+    driver = copies / "driver" / "s3" / s3.bucket / "studies" / "smoke"
+    assert (driver / "optuna.db").is_file() and (driver / "report.md").is_file()
+    assert {p.parent.name for p in driver.glob("runs/*/summary.json")} == set(summaries)
+    assert not (driver / "train").exists() and not (driver / "search").exists()
+
+    # the resume found everything finished: same study id, no new checkpoint, teacher from the bucket
+    assert resumed["study"]["study_id"] == first["study"]["study_id"]
+    assert resumed["train"] == first["train"] and any("/ckpt-" in name for name in first["train"])
+    captures = [json.loads(line) for line in mirror.read_text(f"{uri}/teacher.jsonl").splitlines()]
+    assert [c["computed"] for c in captures] == [True, True, False, False]

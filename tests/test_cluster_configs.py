@@ -388,4 +388,5 @@ def test_documented_command_parses_and_loads(where, command, provided):
 def test_documented_cluster_commands_use_shared_storage():
     for where, command, _ in COMMANDS:
         args = build_parser().parse_args(shlex.split(command)[3:])
-        assert args.storage and args.storage.startswith(SHARED + "/"), f"{where}: --storage {SHARED}/..."
+        assert args.storage and args.storage.startswith((SHARED + "/", "s3://", "gs://")), \
+            f"{where}: --storage {SHARED}/... or a bucket"

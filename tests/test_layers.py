@@ -1,5 +1,6 @@
 """The layers import in one direction: config -> data -> core -> train -> study -> entry points, and
-`tracking` is a service (it imports only config and fileio; train and study call it)."""
+`tracking` is a service (it imports only config and fileio; train and study call it); `fileio` and
+`mirror` (local copies of bucket folders) are utilities below everything."""
 
 from __future__ import annotations
 
@@ -11,15 +12,16 @@ PKG = Path(__file__).resolve().parents[1] / "ia2ray"
 # what each layer may import from ia2ray (besides itself)
 ALLOWED = {
     "fileio": set(),
+    "mirror": {"fileio"},
     "config": {"fileio"},
     "data": {"config", "fileio"},
-    "core": {"config", "data", "fileio"},
+    "core": {"config", "data", "fileio", "mirror"},
     "tracking": {"config", "fileio"},
-    "train": {"config", "data", "core", "fileio", "tracking"},
-    "study": {"config", "data", "core", "train", "fileio", "tracking"},
+    "train": {"config", "data", "core", "fileio", "mirror", "tracking"},
+    "study": {"config", "data", "core", "train", "fileio", "mirror", "tracking"},
     "testbed": {"config", "data", "core", "fileio"},
     "run": {"config", "data", "core", "train", "fileio", "tracking"},
-    "tune": {"config", "data", "core", "train", "study", "fileio", "tracking"},
+    "tune": {"config", "data", "core", "train", "study", "fileio", "mirror", "tracking"},
     "__init__": set(),
 }
 

@@ -183,7 +183,9 @@ class CaptureConfig(Section):
         "bfloat16", description="Storage dtype of cached teacher activations (paper: bf16)."
     )
     cache_dir: Optional[str] = Field(
-        None, description="Activation cache root shared by runs (content-addressed); default `$IA2RAY_HOME/activations`."
+        None, description="Activation cache root shared by runs (content-addressed); default `$IA2RAY_HOME/activations`. "
+        "A bucket URI (`s3://`, `gs://`) works too: entries are uploaded when captured and fetched into this node's "
+        "copy (`$IA2RAY_MIRROR`) on first use."
     )
 
 
@@ -309,8 +311,10 @@ class StudyConfig(Section):
     )
     storage: str = Field("studies", description="Parent folder of studies; a study lives in `<storage>/<name>` "
                          "(Tune experiment, Optuna SQLite, teacher cache, checkpoints, report). `--storage` overrides. "
-                         "On a cluster of several machines it must be a folder every node mounts at the same path "
-                         "(NFS: EFS, Filestore, a ReadWriteMany volume).")
+                         "On a cluster of several machines it must be a bucket (`s3://bucket/studies`, "
+                         "`gs://bucket/studies`: every node works in its own copy under `$IA2RAY_MIRROR`, default "
+                         "`$IA2RAY_HOME/mirror`) or a folder every node mounts at the same path (NFS: EFS, Filestore, "
+                         "a ReadWriteMany volume).")
     shared_storage: Optional[bool] = Field(
         None, description="Whether every Ray node sees the storage folder. null: decided by its file system (network "
         "file systems such as NFS count as shared); true: declare it shared (nodes on one machine, or a file system "
@@ -319,7 +323,7 @@ class StudyConfig(Section):
     tracking_uri: Optional[str] = Field(
         None, description="MLflow tracking URI (`--tracking-uri` overrides): an `mlflow server` URL (required when the "
         "cluster has more than one node) or `sqlite:///<file>`; null: $MLFLOW_TRACKING_URI, else "
-        "`sqlite:///<storage>/mlflow.db`; `none`: no tracking.",
+        "`sqlite:///<storage>/mlflow.db` (for a bucket: in this machine's copy of it); `none`: no tracking.",
     )
     confirm: ConfirmConfig = Field(default_factory=ConfirmConfig)
 

@@ -30,6 +30,7 @@ import torch
 
 from ia2ray.core.fingerprint import content_hash
 from ia2ray.core.generate import Generated
+from ia2ray.mirror import fetch_dir, is_remote, local_copy, push
 
 logger = logging.getLogger(__name__)
 
@@ -177,6 +178,23 @@ class ActivationCache:
                     pass  # another process already moved it
         self.save(key, compute(), meta)
         return self.load(key), False
+
+
+def cache_root(location: str, key: str | None = None) -> Path:
+    """The local folder of the cache at `location`: the folder itself, or for a bucket URI this node's
+    copy (`ia2ray.mirror`). With `key`, the entry is first fetched whole from the bucket when the
+    bucket has it complete and this node does not."""
+    if not is_remote(location):
+        return Path(location).expanduser()
+    if key is not None:
+        fetch_dir(location, key, complete_when=MANIFEST)
+    return local_copy(location)
+
+
+def publish_entry(location: str, key: str) -> None:
+    """Upload a new entry when the cache is in a bucket: shards first, the manifest last."""
+    if is_remote(location):
+        push(location, key, last=(MANIFEST,))
 
 
 def _describe(records: list[Generated], dtype_name: str, meta: dict[str, Any]) -> dict[str, Any]:

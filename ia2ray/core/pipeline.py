@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Optional
 
 from transformers import AutoConfig, AutoTokenizer
@@ -18,7 +17,7 @@ from transformers import AutoConfig, AutoTokenizer
 from ia2ray.config.load import ConfigError
 from ia2ray.config.schema import RunConfig
 from ia2ray.core.batches import TrainItem
-from ia2ray.core.cache import ActivationCache
+from ia2ray.core.cache import ActivationCache, cache_root, publish_entry
 from ia2ray.core.capture import capture_icl_activations
 from ia2ray.core.evaluate import evaluate, icl_baseline, label_token_ids
 from ia2ray.core.fingerprint import content_hash, fingerprint_model, fingerprint_tokenizer
@@ -31,6 +30,7 @@ from ia2ray.data.examples import Example, format_answer, format_query
 from ia2ray.data.splits import Splits, dev_prompts, icl_demo_draws, load_pools, make_splits, training_prompts
 from ia2ray.data.tasks import TaskSpec, get_task
 from ia2ray.fileio import ia2ray_home
+from ia2ray.mirror import is_remote
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class Teacher:
     """Teacher records for the train then dev examples, and the cache entry that holds them."""
 
     records: list[Generated]
-    cache_root: str
+    cache_root: str  # the cache folder, or its bucket URI
     key: str
     hit: bool = True  # found in the cache (False: the teacher ran for this run)
 
@@ -127,7 +127,8 @@ def capture_teacher(cfg: RunConfig, model, tokenizer, data: RunData, progress: b
     spec, splits = data.spec, data.splits
     prompts = training_prompts(spec, splits, cfg.data.seed) + dev_prompts(spec, splits, cfg.data.seed)
     budget = cfg.align.max_new_tokens or spec.max_new_tokens
-    root = Path(cfg.capture.cache_dir).expanduser() if cfg.capture.cache_dir else ia2ray_home() / "activations"
+    location = cfg.capture.cache_dir or str(ia2ray_home() / "activations")  # a folder or a bucket URI
+    root = cache_root(location)
     cache = ActivationCache(root)
     parts = dict(
         # a hub checkpoint's config carries the commit it was loaded from: key on that, not a branch
@@ -146,15 +147,19 @@ def capture_teacher(cfg: RunConfig, model, tokenizer, data: RunData, progress: b
 
     def compute():
         if cached_only:
-            raise TeacherNotCachedError(f"teacher activations {key} are not in the cache {root} (task {spec.name}, "
+            raise TeacherNotCachedError(f"teacher activations {key} are not in the cache {location} (task "
+                                        f"{spec.name}, "
                                         f"N={cfg.data.n}, seed {cfg.data.seed}, site {cfg.align.site})")
         return capture_icl_activations(model, tokenizer, prompts, budget, site=cfg.align.site,
                                        batch_size=cfg.capture.batch_size, stop_strings=spec.stop_strings,
                                        progress=progress)
 
+    cache_root(location, key)  # from the bucket, when the cache is there and this node has no copy
     records, hit = cache.get_or_compute(key, compute, meta)
+    if not hit:
+        publish_entry(location, key)
     log.info("teacher capture %s: key %s (%d prompts)", "cache hit" if hit else "computed", key, len(prompts))
-    return Teacher(records, str(root.resolve()), key, hit)
+    return Teacher(records, location if is_remote(location) else str(root.resolve()), key, hit)
 
 
 def answer_ids(tokenizer, spec: TaskSpec, ex: Example) -> list[int]:

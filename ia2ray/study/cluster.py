@@ -2,8 +2,9 @@
 
 A study on several machines writes its folder (teacher cache, checkpoints, trial summaries) from every
 node and logs to MLflow from every node. So when the cluster spans machines, or its autoscaler can add
-nodes, the storage must be a folder every node mounts at the same path (NFS and other network file
-systems, or `study.shared_storage: true`), and MLflow must be a server every node reaches.
+nodes, the storage must be a bucket (`s3://`, `gs://`: every node works in a local copy, see
+`ia2ray.mirror`) or a folder every node mounts at the same path (NFS and other network file systems,
+or `study.shared_storage: true`), and MLflow must be a server every node reaches.
 
 What can join later: the cluster launcher leaves `~/ray_bootstrap_config.yaml` (its node types) on the
 head; on KubeRay the head pod's environment names the RayCluster (`IA2RAY_KUBERAY_CLUSTER`, set by the
@@ -23,6 +24,7 @@ from typing import Optional
 from urllib.parse import urlparse
 
 from ia2ray.config.load import ConfigError
+from ia2ray.mirror import is_remote
 
 # file systems every node of a cluster can mount at the same path (the kernel's names in /proc/mounts).
 # Not bucket FUSE mounts (gcsfuse, s3fs, mountpoint-s3): they cannot hold the Optuna SQLite database.
@@ -78,6 +80,8 @@ def file_system(path: Path, mounts: Optional[str] = None) -> str:
 
 def is_shared(storage: str, declared: Optional[bool], mounts: Optional[str] = None) -> tuple[bool, str]:
     """Whether every node sees `storage` (and can hold the study's SQLite files), and why."""
+    if is_remote(storage):
+        return True, "object storage"
     if declared is not None:
         return declared, f"study.shared_storage = {str(declared).lower()}"
     fstype = file_system(Path(storage).expanduser(), mounts)
@@ -90,9 +94,10 @@ def storage_errors(storage: str, shared: bool, why: str, shape: ClusterShape) ->
     if shared or not shape.multi_machine:
         return []
     return [f"--storage / study.storage = {storage!r}: {shape.spread()}, but this folder is local to one machine "
-            f"({why}). Every node writes the study folder (teacher cache, checkpoints, trial results): pass a folder "
-            "every node mounts at the same path (NFS: EFS, Filestore, a ReadWriteMany volume; see cluster/README.md), "
-            "or set study.shared_storage=true if it is shared"]
+            f"({why}). Every node writes the study folder (teacher cache, checkpoints, trial results): pass a bucket "
+            "(s3://bucket/studies, gs://bucket/studies) or a folder every node mounts at the same path (NFS: EFS, "
+            "Filestore, a ReadWriteMany volume; see cluster/README.md), or set study.shared_storage=true if it is "
+            "shared"]
 
 
 def tracking_errors(uri: Optional[str], shape: ClusterShape) -> list[str]:

@@ -7,7 +7,6 @@ Selection happened before, on validation metrics only.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from ia2ray.config.schema import StudyFile
 from ia2ray.study.plan import TrialPlan
@@ -38,12 +37,12 @@ def confirm_dirname(trial) -> str:
 def run_confirm(rows: list[dict], ctx: TrialContext, plan: TrialPlan, resume: bool):
     from ray import tune
 
-    path = Path(ctx.study_dir) / "confirm"
+    root = ctx.remote or ctx.study_dir  # Tune keeps its experiment in the bucket itself
     trainable = tune.with_resources(tune.with_parameters(confirm_trial, ctx=ctx), plan.pg_factory())
-    return fit_experiment(path, trainable, resume, lambda: tune.Tuner(
+    return fit_experiment(f"{root}/confirm", trainable, resume, lambda: tune.Tuner(
         trainable, param_space={"row": tune.grid_search(rows)},
         tune_config=tune.TuneConfig(max_concurrent_trials=plan.concurrency, reuse_actors=True,
                                     trial_dirname_creator=confirm_dirname),
-        run_config=tune.RunConfig(name=path.name, storage_path=ctx.study_dir, verbose=1,
+        run_config=tune.RunConfig(name="confirm", storage_path=root, verbose=1,
                                   failure_config=tune.FailureConfig(max_failures=0)),
     ))

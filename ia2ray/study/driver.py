@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 import uuid
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from typing import Optional
 from ia2ray.config.load import ConfigError, dump_yaml, load_study_file
 from ia2ray.config.schema import RunConfig, StudyFile
 from ia2ray.fileio import write_json_atomic, write_text_atomic
+from ia2ray.mirror import check_remote, is_remote, join, local_copy, pull, push, read_text
+from ia2ray.mirror import exists as exists_remote
 from ia2ray.study.cluster import check_cluster, cluster_shape
 from ia2ray.study.plan import TrialPlan, plan_trials
 from ia2ray.study.space import candidates, check_space, describe
@@ -37,6 +40,17 @@ class PreparedStudy:
     has_ece: bool
     source: str
     tracking_uri: Optional[str] = None  # MLflow; None: tracking off
+    remote: Optional[str] = None  # the study folder's bucket URI; study_dir is then this node's copy
+
+    @property
+    def location(self) -> str:
+        """Where the study lives: its bucket URI or its folder."""
+        return self.remote or str(self.study_dir)
+
+
+# parts of a bucket study that Ray Tune and Ray Train write to the bucket themselves, and the teacher
+# cache, whose entries are copied one by one: never copied as part of the study folder
+REMOTE_ONLY = ("search", "confirm", "train", "activations")
 
 
 def default_study_path() -> Path:
@@ -47,9 +61,8 @@ def default_study_path() -> Path:
 
 def check_storage(storage: str) -> list[str]:
     if "://" in storage:
-        return [f"--storage / study.storage = {storage!r}: object-store URIs are not supported (the Optuna database "
-                "and the teacher cache need a file system); on a cluster use a folder every node mounts at the same "
-                "path (NFS: EFS, Filestore, a ReadWriteMany volume; see cluster/README.md)"]
+        problem = check_remote(storage)
+        return [f"--storage / study.storage = {storage!r}: {problem}"] if problem else []
     if not Path(storage).expanduser().is_absolute() and _job_working_dir():
         return [f"--storage / study.storage = {storage!r}: a relative path inside a Ray job with a working_dir "
                 "would put the study in the job's temporary copy of that folder; give an absolute path"]
@@ -134,32 +147,44 @@ def prepare_study(config: Optional[str], overrides: list[str], storage: Optional
     errors = check_storage(storage)
     if errors:
         raise ConfigError(errors, source)
-    study_dir = Path(storage).expanduser().resolve() / study.name
-    try:
-        tracking_uri = resolve_uri(tracking_uri or study.study.tracking_uri, study_dir.parent)
+    remote = join(storage, study.name) if is_remote(storage) else None
+    study_dir = local_copy(remote) if remote else Path(storage).expanduser().resolve() / study.name
+    location = remote or str(study_dir)
+    try:  # a bucket study's default SQLite store stays on this machine, beside its copies of studies
+        tracking_uri = resolve_uri(tracking_uri or study.study.tracking_uri,
+                                   local_copy(storage) if remote else study_dir.parent)
     except ValueError as exc:
         raise ConfigError([f"--tracking-uri / study.tracking_uri: {exc}"], source) from None
-    saved = study_dir / "study.json"
-    if saved.is_file() and not resume:
-        raise ConfigError([f"name: a study named {study.name!r} already exists in {study_dir}; pass --resume to "
+    saved = saved_study(remote, study_dir)
+    if saved is not None and not resume:
+        raise ConfigError([f"name: a study named {study.name!r} already exists in {location}; pass --resume to "
                            "continue it, or choose another `name` or --storage"], source)
-    if resume and not saved.is_file():
-        raise ConfigError([f"--resume: no study named {study.name!r} in {study_dir}"], source)
+    if resume and saved is None:
+        raise ConfigError([f"--resume: no study named {study.name!r} in {location}"], source)
     if resume:
         # Tune restores an experiment with its original settings (trial count, concurrency), so a
         # resumed study must be the same study
-        changed = [k for k in _diff(json.loads(saved.read_text())["study"], study.model_dump(mode="json"))
+        changed = [k for k in _diff(json.loads(saved)["study"], study.model_dump(mode="json"))
                    if k != "study.tracking_uri"]  # where the runs are logged may change
         if changed:
-            raise ConfigError([f"--resume: {k} differs from the study in {saved}" for k in changed], source)
+            raise ConfigError([f"--resume: {k} differs from the study in {location}/study.json" for k in changed],
+                              source)
     tree = base.model_dump(mode="json")
     tree["model"]["path"] = _absolute(tree["model"]["path"])  # trials run in other working directories
     tree["task"]["path"], tree["task"]["eval_path"] = _absolute(tree["task"]["path"]), _absolute(tree["task"]["eval_path"])
-    tree["capture"]["cache_dir"] = str(study_dir / "activations")
-    tree["train"]["storage"] = str(study_dir / "train")
+    tree["capture"]["cache_dir"] = join(remote, "activations") if remote else str(study_dir / "activations")
+    tree["train"]["storage"] = join(remote, "train") if remote else str(study_dir / "train")
     base = RunConfig.model_validate(tree)
     has_ece = check_model(study, base, source)
-    return PreparedStudy(study, base, study_dir, has_ece, source, tracking_uri)
+    return PreparedStudy(study, base, study_dir, has_ece, source, tracking_uri, remote)
+
+
+def saved_study(remote: Optional[str], study_dir: Path) -> Optional[str]:
+    """The text of the study's study.json (in the bucket for a bucket study), None when there is none."""
+    if remote:
+        return read_text(join(remote, "study.json")) if exists_remote(join(remote, "study.json")) else None
+    saved = study_dir / "study.json"
+    return saved.read_text() if saved.is_file() else None
 
 
 def local_resources() -> dict[str, float]:
@@ -178,7 +203,10 @@ def dry_run_lines(p: PreparedStudy, plan: TrialPlan, cluster_note: str) -> list[
     from ia2ray.study.teacher import teacher_variants
 
     s = p.study.study
-    lines = [f"study {p.study.name}: {p.source}", f"folder: {p.study_dir}", "search space:"]
+    lines = [f"study {p.study.name}: {p.source}", f"folder: {p.location}"]
+    if p.remote:
+        lines.append(f"local copy: {p.study_dir}")
+    lines.append("search space:")
     lines += [f"  {line}" for line in describe(p.study)]
     metrics = [f"{m} ({d})" for m, d in objectives(p.study, p.has_ece)]
     lines += [f"objective: {', '.join(metrics)} (ECE {p.base.eval.ece_scheme}, {p.base.eval.ece_bins} bins)",
@@ -206,8 +234,14 @@ def run_study(p: PreparedStudy, resume: bool) -> dict:
     from ia2ray.train.launch import ensure_ray, pin_train_helpers
 
     ensure_ray()
-    check_cluster(str(p.study_dir.parent), p.study.study.shared_storage, p.tracking_uri, cluster_shape())
+    check_cluster(p.remote or str(p.study_dir.parent), p.study.study.shared_storage, p.tracking_uri,
+                  cluster_shape())
     pin_train_helpers()
+    if p.remote:
+        if not resume:  # a copy left from a study deleted in the bucket
+            shutil.rmtree(p.study_dir, ignore_errors=True)
+        fetched = pull(p.remote, skip=(*REMOTE_ONLY, "runs")) + download_runs(p)
+        log.info("study folder %s, local copy %s (%d files fetched)", p.remote, p.study_dir, fetched)
     sid = study_id(p.study_dir)
     p.study_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(p.study_dir / "study.yaml", dump_yaml(p.study))
@@ -221,16 +255,34 @@ def run_study(p: PreparedStudy, resume: bool) -> dict:
         log.info("MLflow: %s, experiment %s, study run %s", p.tracking_uri, p.study.name, parent.run_id)
     write_json_atomic(p.study_dir / "study.json", {"name": p.study.name, "study": p.study.model_dump(mode="json"),
                                                     "source": p.source, "started": time.time(), "study_id": sid})
-    if parent is None:
-        return _run(p, resume, None, None)
-    with parent.running(p.study_dir / PENDING_FILE):
-        try:
-            outcome = _run(p, resume, parent, tracking)
-        finally:  # also when the study fails or is interrupted: no trial run is left RUNNING
-            problems = close_trial_runs(p.study_dir, tracking)
-        outcome["tracking"] = problems
-    outcome["tracking"] += [f"{p.study.name} (study run): {line}" for line in parent.unlogged]
-    return outcome
+    upload(p)
+    try:
+        if parent is None:
+            return _run(p, resume, None, None)
+        with parent.running(p.study_dir / PENDING_FILE):
+            try:
+                outcome = _run(p, resume, parent, tracking)
+            finally:  # also when the study fails or is interrupted: no trial run is left RUNNING
+                download_runs(p)
+                problems = close_trial_runs(p.study_dir, tracking)
+            outcome["tracking"] = problems
+        outcome["tracking"] += [f"{p.study.name} (study run): {line}" for line in parent.unlogged]
+        return outcome
+    finally:
+        upload(p)
+
+
+def upload(p: PreparedStudy) -> None:
+    """A bucket study: copy what the study driver wrote (study.json, the Optuna database, reports, ...)
+    to the bucket."""
+    if p.remote:
+        push(p.remote, skip=REMOTE_ONLY)
+
+
+def download_runs(p: PreparedStudy) -> int:
+    """A bucket study: fetch what the study driver reads of the trials' `runs/<run>/` folders, which
+    trials on other nodes uploaded (their summaries and MLflow pending files; not the adapters)."""
+    return pull(p.remote, "runs", names=("summary.json", PENDING_FILE)) if p.remote else 0
 
 
 def close_trial_runs(study_dir: Path, tracking: dict) -> list[str]:
@@ -262,7 +314,8 @@ def _run(p: PreparedStudy, resume: bool, parent, tracking: Optional[dict]) -> di
     plan = plan_trials(p.study, p.base, ray.cluster_resources())
     for line in plan.describe():
         log.info("%s", line)
-    ctx = TrialContext(str(p.study_dir), p.base.model_dump(mode="json"), p.study.model_dump(mode="json"), tracking)
+    ctx = TrialContext(str(p.study_dir), p.base.model_dump(mode="json"), p.study.model_dump(mode="json"), tracking,
+                       p.remote)
     t = time.perf_counter()
     capture_all(teacher_variants(p.base, p.study), p.study_dir, plan.use_gpu)
     timings["teacher"] = time.perf_counter() - t
@@ -270,6 +323,7 @@ def _run(p: PreparedStudy, resume: bool, parent, tracking: Optional[dict]) -> di
     t = time.perf_counter()
     grid = run_search(p.study, ctx, plan, p.has_ece, resume)
     timings["search"] = time.perf_counter() - t
+    download_runs(p)
     errors = [f"trial {r.metrics.get('trial_id', '?')}: {r.error}" for r in grid if r.error]
     metrics = [m for m, _ in objectives(p.study, p.has_ece)]
     trials = completed_trials(p.study, p.study_dir)
@@ -280,6 +334,7 @@ def _run(p: PreparedStudy, resume: bool, parent, tracking: Optional[dict]) -> di
     t = time.perf_counter()
     rows = confirmation_rows(p.study, front)
     confirm = run_confirm(rows, ctx, plan, resume) if rows else []
+    download_runs(p)
     timings["confirm"] = time.perf_counter() - t
     errors += [f"confirmation {r.config['row']['label']} seed {r.config['row']['seed']}: {r.error}"
                for r in confirm if r.error]
@@ -295,5 +350,5 @@ def _run(p: PreparedStudy, resume: bool, parent, tracking: Optional[dict]) -> di
     write_json_atomic(p.study_dir / "timings.json", {**timings, "trials": len(trials), "errors": errors})
     if parent is not None:
         finish_study_run(parent, p.study_dir, rows_out, len(trials))
-    return {"table": table, "report": str(p.study_dir / "report.md"), "errors": errors, "timings": timings,
+    return {"table": table, "report": f"{p.location}/report.md", "errors": errors, "timings": timings,
             "rows": rows_out, "tracking": []}

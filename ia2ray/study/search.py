@@ -1,7 +1,8 @@
 """The search: a Ray Tune experiment (`<study>/search`) driven by Optuna through `OptunaSearch`.
 
 Optuna's study lives in `<study>/optuna.db` (SQLite) under the study's name, so the Pareto front can be
-queried with plain Optuna and survives restarts. `--resume` restores the Tune experiment: finished
+queried with plain Optuna and survives restarts (a bucket study keeps it in the study driver's local
+copy and uploads it after every finished trial). `--resume` restores the Tune experiment: finished
 trials are kept, unfinished ones run again under the same trial id (their Ray Train runs resume from
 the last checkpoint), and the searcher keeps its history.
 """
@@ -11,7 +12,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from ray.tune import Callback
+
 from ia2ray.config.schema import StudyFile
+from ia2ray.mirror import push
 from ia2ray.study.plan import TrialPlan
 from ia2ray.study.space import decode_point, optuna_space
 from ia2ray.study.trial import TrialContext, objectives, search_trial
@@ -48,27 +52,42 @@ def run_search(study: StudyFile, ctx: TrialContext, plan: TrialPlan, has_ece: bo
     from ray import tune
 
     study_dir = Path(ctx.study_dir)
-    path = study_dir / "search"
+    root = ctx.remote or str(study_dir)  # Tune keeps its experiment in the bucket itself
     trainable = tune.with_resources(tune.with_parameters(search_trial, ctx=ctx), plan.pg_factory())
-    return fit_experiment(path, trainable, resume, lambda: tune.Tuner(
+    callbacks = [UploadAfterTrial(ctx.remote, "optuna.db")] if ctx.remote else []
+    return fit_experiment(f"{root}/search", trainable, resume, lambda: tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
             search_alg=make_searcher(study, study_dir, has_ece), num_samples=study.study.num_trials,
             max_concurrent_trials=plan.concurrency, reuse_actors=True,
             time_budget_s=study.study.time_budget_s, trial_dirname_creator=trial_dirname),
-        run_config=tune.RunConfig(name=path.name, storage_path=str(study_dir), verbose=1,
+        run_config=tune.RunConfig(name="search", storage_path=root, verbose=1, callbacks=callbacks,
                                   failure_config=tune.FailureConfig(max_failures=0)),
     ))
 
 
-def fit_experiment(path: Path, trainable, resume: bool, new_tuner):
+class UploadAfterTrial(Callback):
+    """Uploads a file of a bucket study's local copy after every finished trial (the Optuna database:
+    Optuna writes it in this process, between trials)."""
+
+    def __init__(self, remote: str, rel: str):
+        self.remote, self.rel = remote, rel
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        push(self.remote, self.rel)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        push(self.remote, self.rel)
+
+
+def fit_experiment(path: str, trainable, resume: bool, new_tuner):
     """Restore the Tune experiment at `path` with --resume when it exists (finished trials kept,
     unfinished ones run again, errored ones left as they are), else start `new_tuner()`; run it."""
     from ray import tune
 
-    if resume and tune.Tuner.can_restore(str(path)):
+    if resume and tune.Tuner.can_restore(path):
         log.info("resuming %s", path)
-        tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=False)
+        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False)
     else:
         tuner = new_tuner()
     return tuner.fit()

@@ -17,13 +17,15 @@ import json
 import logging
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from ia2ray.config.schema import RunConfig, StudyFile
 from ia2ray.fileio import atomic_dir, require_visible, write_json_atomic
+from ia2ray.mirror import local_copy, pull, push
 from ia2ray.study.space import apply_params, decode_point
 from ia2ray.study.track import log_history, log_result, running, trial_run
 from ia2ray.tracking import RunLog
@@ -39,6 +41,11 @@ class TrialContext:
     base: dict  # the run config every trial starts from (JSON), study paths filled in
     study: dict  # the study file (JSON), for decoding sampled points and the objective
     tracking: Optional[dict] = None  # MLflow target of the trials' runs (`track.start_study_run`); None: off
+    remote: Optional[str] = None  # the study folder's bucket URI (trials then work in their node's copy)
+
+    def folder(self) -> Path:
+        """The study folder as this node sees it: its local copy of a bucket study, else the folder."""
+        return local_copy(self.remote) if self.remote else Path(self.study_dir)
 
 
 def objectives(study: StudyFile, has_ece: bool) -> list[tuple[str, str]]:
@@ -63,7 +70,24 @@ def objective_metrics(summary: dict, study: StudyFile) -> dict:
 
 def run_dir(ctx: TrialContext, cfg: RunConfig) -> Path:
     """`<study>/runs/<run name>/`: the run's summary, adapter, config and plots."""
-    return Path(ctx.study_dir) / "runs" / cfg.name
+    return ctx.folder() / "runs" / cfg.name
+
+
+@contextmanager
+def run_folder(ctx: TrialContext, cfg: RunConfig) -> Iterator[Path]:
+    """The run's folder (`run_dir`). In a bucket study it is fetched first (a resumed trial may find
+    its finished result there) and uploaded at the end, also when the trial fails (its MLflow pending
+    file goes with it). Otherwise the study folder must be visible on this node."""
+    out = run_dir(ctx, cfg)
+    if not ctx.remote:
+        require_visible(Path(ctx.study_dir) / "study.json", "the study folder's")
+        yield out
+        return
+    pull(ctx.remote, f"runs/{cfg.name}")
+    try:
+        yield out
+    finally:
+        push(ctx.remote, f"runs/{cfg.name}")
 
 
 def run_and_save(cfg: RunConfig, out: Path, splits: tuple[str, ...], extra: dict, icl: bool = False,
@@ -110,14 +134,13 @@ def search_trial(config: dict, ctx: TrialContext) -> None:
     """Tune function trainable of the search."""
     from ray import tune
 
-    require_visible(Path(ctx.study_dir) / "study.json", "the study folder's")
     study = StudyFile.model_validate(ctx.study)
     trial_id = tune.get_context().get_trial_id()
     params = decode_point(study, config)
     cfg = apply_params(RunConfig.model_validate(ctx.base), params, name=f"trial-{trial_id}",
                        **{"eval.icl_baseline": False})
-    run, out = trial_run(ctx.tracking, trial_id, cfg, "search", {"trial_id": trial_id}), run_dir(ctx, cfg)
-    with running(run, out):
+    run = trial_run(ctx.tracking, trial_id, cfg, "search", {"trial_id": trial_id})
+    with run_folder(ctx, cfg) as out, running(run, out):
         summary = run_and_save(cfg, out, ("val",), {"trial_id": trial_id, "params": params, "phase": "search"},
                                run=run)
         metrics = objective_metrics(summary, study)
@@ -134,14 +157,13 @@ def confirm_trial(config: dict, ctx: TrialContext) -> None:
     validation and test splits."""
     from ray import tune
 
-    require_visible(Path(ctx.study_dir) / "study.json", "the study folder's")
     row = config["row"]
     cfg = apply_params(RunConfig.model_validate(ctx.base), row["params"], name=run_name(row["label"], row["seed"]),
                        **{"data.seed": row["seed"], "eval.icl_baseline": row["icl"]})
     tags = {"label": row["label"], "trial_id": tune.get_context().get_trial_id(),
             **({"pipeline": "icl"} if row["icl"] else {})}
-    run, out = trial_run(ctx.tracking, cfg.name, cfg, "confirm", tags), run_dir(ctx, cfg)
-    with running(run, out):
+    run = trial_run(ctx.tracking, cfg.name, cfg, "confirm", tags)
+    with run_folder(ctx, cfg) as out, running(run, out):
         summary = run_and_save(cfg, out, ("val", "test"), {"label": row["label"], "params": row["params"],
                                "phase": "confirm"}, icl=row["icl"], run=run)
         log_result(run, out, cfg, summary, ("val", "test"))

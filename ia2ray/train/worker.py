@@ -28,7 +28,7 @@ import torch
 
 from ia2ray.config.schema import LoraConfig, ModelConfig, TrainConfig
 from ia2ray.core.batches import TrainItem, collate
-from ia2ray.core.cache import ActivationCache
+from ia2ray.core.cache import ActivationCache, CacheError, cache_root
 from ia2ray.core.model import add_lora, load_model, load_trainable_state
 from ia2ray.core.objective import StageObjective, stage_loss
 from ia2ray.core.stages import (
@@ -41,6 +41,7 @@ from ia2ray.core.stages import (
     out_of_memory,
 )
 from ia2ray.fileio import require_visible
+from ia2ray.mirror import is_remote
 from ia2ray.tracking import RunLog
 from ia2ray.tracking.shape import step_metrics
 from ia2ray.train import checkpoint as ckpt
@@ -358,9 +359,12 @@ def _load_teacher(job: TrainJob, wc: WorkerContext) -> dict:
     for spec in job.stages:
         wanted |= {r.record for r in spec.train if r.record is not None}
         wanted |= {r.record for r in spec.dev[wc.rank :: wc.world] if r.record is not None}
-    root, key = job.teacher_cache
-    cache = ActivationCache(root)
-    require_visible(cache.path(key), "the teacher cache entry")
+    location, key = job.teacher_cache
+    cache = ActivationCache(cache_root(location, key))  # a bucket cache: fetched to this node first
+    if not is_remote(location):
+        require_visible(cache.path(key), "the teacher cache entry")
+    elif not cache.has(key):
+        raise CacheError(f"teacher cache entry {key} is not in {location} (its capture did not finish)")
     return cache.load_subset(key, sorted(wanted)) if wanted else {}
 
 
