@@ -20,9 +20,9 @@ S3-compatible server, `GOOGLE_APPLICATION_CREDENTIALS`, ...).
 
 A file is uploaded when it changed since this process last uploaded or downloaded it (size or
 mtime), or, the first time, when its size differs from the bucket's copy or it is newer by more than
-a second (object stores keep whole seconds). Downloads
-go to a temporary name and are renamed into place, so a reader never sees half a file. Hidden files
-(temporaries) and SQLite journals are never copied.
+a second (object stores keep whole seconds). Downloads go to a temporary name and are renamed into
+place, so a reader never sees half a file. Hidden files (temporaries) and SQLite journals are never
+copied.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from ia2ray import mirror
-from ia2ray.core.cache import ActivationCache, cache_root, publish_entry
+from ia2ray.core.cache import ActivationCache, cache_root, fetch_entry, publish_entry
 from ia2ray.core.generate import Generated
 from ia2ray.tune import main
 
@@ -93,11 +93,11 @@ def test_teacher_cache_in_a_bucket_is_published_manifest_last_and_fetched_whole(
     monkeypatch.setenv("IA2RAY_MIRROR", str(tmp_path / "node-b"))
     assert cache_root(location) == tmp_path / "node-b" / "s3" / s3.bucket / "studies" / "one" / "activations"
     assert not (cache_root(location) / "k1").exists()
-    theirs = ActivationCache(cache_root(location, "k1"))  # fetched on first use
+    theirs = ActivationCache(fetch_entry(location, "k1"))  # fetched on first use
     got, want = theirs.load("k1"), cache.load("k1")
     assert [torch.equal(a.activations, b.activations) for a, b in zip(got, want)] == [True] * 4
     before = len(s3.requests())
-    cache_root(location, "k1")  # already here: the bucket is not asked again
+    fetch_entry(location, "k1")  # already here: the bucket is not asked again
     assert s3.requests()[before:] == []
     # an entry without its manifest in the bucket (an upload cut short) is not fetched
     mirror.push(location, "k1", skip=("k1/manifest.json",))  # nothing new to send from node b
@@ -106,11 +106,11 @@ def test_teacher_cache_in_a_bucket_is_published_manifest_last_and_fetched_whole(
     monkeypatch.setenv("IA2RAY_MIRROR", str(tmp_path / "node-c"))
     assert mirror.fetch_dir(location, "k1", "manifest.json") is None
     assert not (cache_root(location) / "k1").exists()
-    assert ActivationCache(cache_root(location, "k1")).has("k1") is False
+    assert ActivationCache(fetch_entry(location, "k1")).has("k1") is False
 
 
 def test_local_cache_locations_are_untouched(tmp_path):
-    assert cache_root(str(tmp_path / "acts"), "k1") == tmp_path / "acts"
+    assert fetch_entry(str(tmp_path / "acts"), "k1") == cache_root(str(tmp_path / "acts")) == tmp_path / "acts"
     publish_entry(str(tmp_path / "acts"), "k1")  # no bucket: nothing to do
     assert not mirror.is_remote(str(tmp_path)) and not mirror.is_remote("file:///x") and mirror.is_remote("gs://b/x")
 

@@ -180,15 +180,18 @@ class ActivationCache:
         return self.load(key), False
 
 
-def cache_root(location: str, key: str | None = None) -> Path:
+def cache_root(location: str) -> Path:
     """The local folder of the cache at `location`: the folder itself, or for a bucket URI this node's
-    copy (`ia2ray.mirror`). With `key`, the entry is first fetched whole from the bucket when the
-    bucket has it complete and this node does not."""
-    if not is_remote(location):
-        return Path(location).expanduser()
-    if key is not None:
+    copy (`ia2ray.mirror`)."""
+    return local_copy(location) if is_remote(location) else Path(location).expanduser()
+
+
+def fetch_entry(location: str, key: str) -> Path:
+    """`cache_root(location)`, after fetching the entry `key` whole from the bucket when the cache is
+    in a bucket that has the entry complete and this node has no copy yet."""
+    if is_remote(location):
         fetch_dir(location, key, complete_when=MANIFEST)
-    return local_copy(location)
+    return cache_root(location)
 
 
 def publish_entry(location: str, key: str) -> None:

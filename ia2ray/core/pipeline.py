@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoTokenizer
 from ia2ray.config.load import ConfigError
 from ia2ray.config.schema import RunConfig
 from ia2ray.core.batches import TrainItem
-from ia2ray.core.cache import ActivationCache, cache_root, publish_entry
+from ia2ray.core.cache import ActivationCache, cache_root, fetch_entry, publish_entry
 from ia2ray.core.capture import capture_icl_activations
 from ia2ray.core.evaluate import evaluate, icl_baseline, label_token_ids
 from ia2ray.core.fingerprint import content_hash, fingerprint_model, fingerprint_tokenizer
@@ -148,13 +148,12 @@ def capture_teacher(cfg: RunConfig, model, tokenizer, data: RunData, progress: b
     def compute():
         if cached_only:
             raise TeacherNotCachedError(f"teacher activations {key} are not in the cache {location} (task "
-                                        f"{spec.name}, "
-                                        f"N={cfg.data.n}, seed {cfg.data.seed}, site {cfg.align.site})")
+                                        f"{spec.name}, N={cfg.data.n}, seed {cfg.data.seed}, site {cfg.align.site})")
         return capture_icl_activations(model, tokenizer, prompts, budget, site=cfg.align.site,
                                        batch_size=cfg.capture.batch_size, stop_strings=spec.stop_strings,
                                        progress=progress)
 
-    cache_root(location, key)  # from the bucket, when the cache is there and this node has no copy
+    fetch_entry(location, key)  # from the bucket, when the cache is there and this node has no copy
     records, hit = cache.get_or_compute(key, compute, meta)
     if not hit:
         publish_entry(location, key)

@@ -28,7 +28,7 @@ import torch
 
 from ia2ray.config.schema import LoraConfig, ModelConfig, TrainConfig
 from ia2ray.core.batches import TrainItem, collate
-from ia2ray.core.cache import ActivationCache, CacheError, cache_root
+from ia2ray.core.cache import ActivationCache, CacheError, fetch_entry
 from ia2ray.core.model import add_lora, load_model, load_trainable_state
 from ia2ray.core.objective import StageObjective, stage_loss
 from ia2ray.core.stages import (
@@ -360,7 +360,7 @@ def _load_teacher(job: TrainJob, wc: WorkerContext) -> dict:
         wanted |= {r.record for r in spec.train if r.record is not None}
         wanted |= {r.record for r in spec.dev[wc.rank :: wc.world] if r.record is not None}
     location, key = job.teacher_cache
-    cache = ActivationCache(cache_root(location, key))  # a bucket cache: fetched to this node first
+    cache = ActivationCache(fetch_entry(location, key))  # a bucket cache: fetched to this node first
     if not is_remote(location):
         require_visible(cache.path(key), "the teacher cache entry")
     elif not cache.has(key):
