@@ -1,4 +1,4 @@
-"""Studies on real Ray clusters (marked `cluster`: `python -m pytest -m cluster`, ~7 min; CI runs them
+"""Studies on real Ray clusters (marked `cluster`: `python -m pytest -m cluster`, ~10 min; CI runs them
 after the default suite):
 
 - `ray job submit --working-dir . -- python -m ia2ray.tune` against a `ray start --head` with token auth;
