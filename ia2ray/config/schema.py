@@ -35,7 +35,9 @@ class ModelConfig(Section):
 
 
 class TaskConfig(Section):
-    name: str = Field("testbed/map2", description="Registered task name (`testbed/*`, `toy/*`, `sst2`; see `ia2ray.data.tasks`).")
+    name: str = Field("testbed/map2", description="Registered task name: the paper's benchmarks (`sst2`, `fins`, "
+                      "`poems`, `strategyqa`, `agnews`, `bbcnews`, `sciq-remap`, `qasc-remap`, `gsm8k`, `gsm-symbolic`, "
+                      "`math-algebra`, `sciq`; `ia2ray.data.benchmarks`), `testbed/*`, `toy/*`.")
     path: Optional[str] = Field(
         None, description="Local jsonl/csv/parquet file with the task's columns, used instead of the hub."
     )

@@ -18,8 +18,8 @@ from ia2ray.data.splits import (
 from ia2ray.data.synthetic import GENERATORS, generate_rows, register_generator
 from ia2ray.data.tasks import TaskSpec, get_task, register_task, task_names, template_fields
 
-# Registers the built-in testbed tasks (testbed/...) and their generators.
-from ia2ray.data import testbed  # noqa: E402,F401  (import for its side effect)
+# Registers the built-in testbed tasks (testbed/...) and their generators, and the paper's benchmarks.
+from ia2ray.data import benchmarks, testbed  # noqa: E402,F401  (imported for their side effect)
 
 __all__ = [
     "DataError",

@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 from ia2ray.data.examples import Example
 from ia2ray.data.synthetic import generate_rows
 from ia2ray.data.tasks import TaskSpec
+from ia2ray.data.transforms import TRANSFORMS
 
 MAX_LISTED_PROBLEMS = 20
 
@@ -171,7 +172,7 @@ def _cell_problem(row: dict[str, Any], col: str, kinds: tuple[type, ...], kind_n
         return f"missing column '{col}'"
     if value is None:
         return f"missing value in column '{col}'"
-    if not isinstance(value, kinds) or isinstance(value, bool):
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
         return f"column '{col}' must be {kind_name}, got {type(value).__name__} {value!r}"
     if not _label_key(value):
         return f"empty value in column '{col}'"
@@ -194,7 +195,7 @@ def _check_row(spec: TaskSpec, row: dict[str, Any], skip: set[str]) -> tuple[lis
     col, answer = spec.label_field, ""
     if col in skip:
         return problems, fields, answer
-    problem = _cell_problem(row, col, (str, int, float), "text or a number")
+    problem = _cell_problem(row, col, (str, int, float, bool), "text, a number or a boolean")
     key = None if problem else _label_key(row[col])
     if problem:
         problems.append(problem)
@@ -214,7 +215,8 @@ def _to_examples(spec: TaskSpec, records: list[Record], source: str, column_loc:
     rows = [(loc, row) for loc, row in records if isinstance(row, dict)]
     if not records:
         raise DataError(f"{source}: no data rows")
-    required = [*spec.input_fields, spec.label_field]
+    transform = TRANSFORMS[spec.transform] if spec.transform else None
+    required = list(transform.columns) if transform else [*spec.input_fields, spec.label_field]
     absent = {c for c in required if rows and all(c not in row for _, row in rows)}
     problems: list[str] = []
     seen = ", ".join(sorted({k for _, row in rows for k in row}))
@@ -226,6 +228,21 @@ def _to_examples(spec: TaskSpec, records: list[Record], source: str, column_loc:
         if isinstance(row, str):
             problems.append(f"{loc}: {row}")
             continue
+        if transform:
+            missing = [c for c in transform.columns if c not in absent and row.get(c) is None]
+            if missing:
+                problems += [f"{loc}: missing value in column '{c}'" for c in missing]
+                continue
+            if absent:
+                continue  # already reported for the whole file
+            try:
+                row = transform.build(row)
+            except ValueError as exc:
+                problems.append(f"{loc}: {exc}")
+                continue
+        if spec.drop_labels and row.get(spec.label_field) is not None \
+                and _label_key(row[spec.label_field]) in spec.drop_labels:
+            continue  # a known class the task leaves out
         row_problems, fields, answer = _check_row(spec, row, absent)
         problems += [f"{loc}: {p}" for p in row_problems]
         if not row_problems:

@@ -52,7 +52,18 @@ def pools(rows: Sequence[T], size: int, seed: int = 0) -> list[T]:
 def load_pools(spec: TaskSpec, train_size: int, eval_size: int, train_path: str | None = None,
                eval_path: str | None = None) -> tuple[list[Example], list[Example]]:
     """(train pool, eval pool) of a task: its rows from a local file, the hub or its generator,
-    each seeded-shuffled (pool seed 0) and truncated to the given size."""
+    each seeded-shuffled (pool seed 0) and truncated to the given size. A task with `eval_holdout`
+    K and no separate eval file takes both from its train rows: the last K of the shuffle are the eval
+    pool, the train pool comes from the others."""
+    if spec.eval_holdout and eval_path is None:
+        rows = load_examples(spec, train_path, "train", seed=0)
+        if len(rows) <= spec.eval_holdout:
+            where = train_path or f"{spec.hub_id}[{spec.train_split}]"
+            raise ValueError(f"task {spec.name!r}: {where} has {len(rows)} usable rows, but the eval pool alone takes "
+                             f"the last {spec.eval_holdout} (eval_holdout)")
+        shuffled = pools(rows, len(rows), seed=0)
+        cut = len(shuffled) - spec.eval_holdout
+        return shuffled[:cut][:train_size], shuffled[cut:][:eval_size]
     train = pools(load_examples(spec, train_path, "train", seed=0), train_size, seed=0)
     eval_rows = pools(load_examples(spec, eval_path, "eval", seed=0), eval_size, seed=0)
     return train, eval_rows

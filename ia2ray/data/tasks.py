@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from ia2ray.data.parsers import PARSERS
 from ia2ray.data.synthetic import GENERATORS
+from ia2ray.data.transforms import TRANSFORMS
 
 
 def template_fields(template: str) -> list[str]:
@@ -56,6 +57,16 @@ class TaskSpec(BaseModel):
     train_pool: int = Field(2000, ge=1, description="Train pool size (paper: 2000).")
     eval_pool: int = Field(500, ge=1, description="Eval pool size (paper: 500).")
     generator: str | None = Field(None, description="Built-in synthetic generator (ia2ray.data.synthetic).")
+    drop_labels: list[str] = Field(
+        default_factory=list, description="Raw label values that are known but left out (their rows are dropped), "
+        "e.g. FinS's neutral class; any other label not in label_words is an error.")
+    eval_holdout: int | None = Field(
+        None, ge=1, description="For datasets with one usable split: after the pool shuffle the last K rows are the "
+        "eval pool and the train pool comes from the rest (FinS, StrategyQA, GSM-Symbolic: 500). Applies to "
+        "`task.path` too when no `task.eval_path` is given.")
+    transform: str | None = Field(
+        None, description="Row transform (ia2ray.data.transforms.TRANSFORMS) that builds the input fields and the "
+        "label from a raw row (e.g. shuffled, remapped MCQ options); the raw columns it reads are then required.")
 
     @field_validator("label_words", mode="before")
     @classmethod
@@ -64,6 +75,11 @@ class TaskSpec(BaseModel):
         if isinstance(value, dict):
             return {str(k): v for k, v in value.items()}
         return value
+
+    @field_validator("drop_labels", mode="before")
+    @classmethod
+    def _dropped_as_str(cls, value: Any) -> Any:
+        return [str(v) for v in value] if isinstance(value, list) else value
 
     @model_validator(mode="after")
     def _check_consistency(self) -> "TaskSpec":
@@ -98,6 +114,11 @@ class TaskSpec(BaseModel):
             problems.append("label_words is only allowed with answer_type 'label'")
         if self.parser not in PARSERS:
             problems.append(f"unknown parser {self.parser!r} (known: {', '.join(sorted(PARSERS))})")
+        if self.transform is not None and self.transform not in TRANSFORMS:
+            problems.append(f"unknown transform {self.transform!r} (known: {', '.join(sorted(TRANSFORMS))})")
+        overlap = sorted(set(self.drop_labels) & set(self.label_words or {}))
+        if overlap:
+            problems.append(f"drop_labels {overlap} are also in label_words")
         if self.generator is not None and self.generator not in GENERATORS:
             problems.append(f"unknown generator {self.generator!r} (known: {', '.join(sorted(GENERATORS))})")
         if problems:
@@ -136,20 +157,6 @@ BINARY_DIGITS = {"0": "0", "1": "1"}
 # "Label:1" keeps the label a single next token.
 DIGIT_ANSWER = "{answer}"
 
-register_task(
-    TaskSpec(
-        name="sst2",
-        template="Text:{sentence}\nLabel:",
-        input_fields=["sentence"],
-        label_field="label",
-        label_words=BINARY_DIGITS,
-        answer_template=DIGIT_ANSWER,
-        answer_type="label",
-        hub_id="stanfordnlp/sst2",
-        train_split="train",
-        eval_split="validation",  # the hub's test split has no labels (-1)
-    )
-)
 register_task(
     TaskSpec(
         name="toy/polarity",

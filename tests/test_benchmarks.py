@@ -1,0 +1,166 @@
+"""The paper's 12 benchmarks as registered tasks: prompts string for string from small local files with
+the hub's real column names and label sets (never a download), the row transforms, the held-out eval
+pools, the out-of-domain pairs, and loader errors that name the file, the line and the problem."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ia2ray.data import DataError, build_icl_prompt, format_demo, format_query, get_parser, get_task, load_file
+from ia2ray.data.benchmarks import OOD_PAIRS, PAPER_TASKS
+from ia2ray.data.splits import load_pools
+
+SCIQ = {"question": "What part of the cell makes energy?", "correct_answer": "mitochondria",
+        "distractor1": "nucleus", "distractor2": "ribosome", "distractor3": "membrane",
+        "support": "Mitochondria release energy."}
+QASC = {"question": "What do plants need to grow?", "answerKey": "C", "choices": {
+    "text": ["sand", "noise", "sunlight", "plastic", "ice", "wind", "salt", "metal"],
+    "label": ["A", "B", "C", "D", "E", "F", "G", "H"]}}
+GSM = {"question": "Ann has 2 apples and buys 3. How many?", "answer": "She has 2 + 3 = <<2+3=5>>5.\n#### 5"}
+MATH = {"problem": "Solve $2x = 1$.", "solution": "So $x = \\boxed{\\dfrac{1}{2}}$.", "level": "Level 1",
+        "type": "Algebra"}
+BBC_LONG = ("word " * 70).strip()  # 349 characters
+
+# task -> (rows in the hub's columns, expected demos of the rows the task keeps)
+CASES = {
+    "sst2": ([{"idx": 0, "sentence": "a gripping film ", "label": 1}, {"idx": 1, "sentence": "dull", "label": 0}],
+             ["Text:a gripping film \nLabel:1", "Text:dull\nLabel:0"]),
+    "fins": ([{"sentence": "Profit rose.", "label": 2}, {"sentence": "Sales held.", "label": 1},
+              {"sentence": "Loss widened.", "label": 0}],
+             ["Text:Profit rose.\nLabel:1", "Text:Loss widened.\nLabel:0"]),
+    "poems": ([{"id": 0, "verse_text": "with pensive joy", "label": 1}, {"id": 1, "verse_text": "the road", "label": 2},
+               {"id": 2, "verse_text": "sad and grey", "label": 0}, {"id": 3, "verse_text": "bittersweet", "label": 3}],
+              ["Text:with pensive joy\nLabel:1", "Text:sad and grey\nLabel:0"]),
+    "strategyqa": ([{"qid": "a", "term": "Cat", "question": "Can a cat fly?", "answer": False, "facts": []},
+                    {"qid": "b", "term": "Sun", "question": "Is the sun hot?", "answer": True, "facts": []}],
+                   ["Question:Can a cat fly?\nAnswer:0", "Question:Is the sun hot?\nAnswer:1"]),
+    "agnews": ([{"text": "Stocks fall on Wall St.", "label": 2}, {"text": "New chip unveiled", "label": 3}],
+               ["Text:Stocks fall on Wall St.\nLabel:2", "Text:New chip unveiled\nLabel:3"]),
+    "bbcnews": ([{"text": "ad sales boost profits", "label": 1, "label_text": "business"},
+                 {"text": BBC_LONG, "label": 4, "label_text": "politics"},
+                 {"text": "gadget show opens", "label": 0, "label_text": "tech"}],
+                ["Text:ad sales boost profits\nLabel:2", "Text:" + ("word " * 51).strip() + "\nLabel:0",
+                 "Text:gadget show opens\nLabel:3"]),
+    "sciq-remap": ([SCIQ], ["Question:What part of the cell makes energy?\nChoices:\n[apple]nucleus\n[Friday]ribosome\n"
+                            "[banana]mitochondria\n[Saturday]membrane\n\nAnswer:banana"]),
+    "qasc-remap": ([QASC], ["Question:What do plants need to grow?\nChoices:\n[apple]sand\n[Friday]noise\n"
+                            "[banana]sunlight\n[Saturday]plastic\n[Thursday]ice\n[Sunday]wind\n[Wednesday]salt\n"
+                            "[Monday]metal\n\nAnswer:banana"]),
+    "gsm8k": ([GSM], ["Question:Ann has 2 apples and buys 3. How many?\nAnswer:She has 2 + 3 = <<2+3=5>>5.\n#### 5"]),
+    "gsm-symbolic": ([{**GSM, "id": 1, "instance": 0}],
+                     ["Question:Ann has 2 apples and buys 3. How many?\nAnswer:She has 2 + 3 = <<2+3=5>>5.\n#### 5"]),
+    "math-algebra": ([MATH], ["Question:Solve $2x = 1$.\nAnswer:So $x = \\boxed{\\dfrac{1}{2}}$."]),
+    "sciq": ([SCIQ], ["Question:What part of the cell makes energy?\nAnswer:Mitochondria release energy.\n"
+                      "#### mitochondria"]),
+}
+GOLD = {"gsm8k": "5", "gsm-symbolic": "5", "math-algebra": "\\frac{1}{2}", "sciq": "mitochondria"}
+
+
+def write_jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_every_paper_task_is_registered_with_its_hub_source():
+    assert sorted(PAPER_TASKS) == sorted(CASES)
+    for name in PAPER_TASKS:
+        spec = get_task(name)
+        assert spec.hub_id and spec.train_pool == 2000 and spec.eval_pool == 500
+        assert spec.answer_template == "{answer}"  # the answer follows the colon directly
+    assert [get_task(n).hub_config for n in ("fins", "gsm8k", "gsm-symbolic", "math-algebra")] == \
+        ["sentences_50agree", "main", "main", "algebra"]
+    assert [get_task(n).max_new_tokens for n in ("gsm8k", "math-algebra", "sciq", "sst2")] == [200, 400, 200, 1]
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_prompts_match_the_paper_string_for_string(name, tmp_path):
+    rows, demos = CASES[name]
+    spec = get_task(name)
+    examples = load_file(spec, write_jsonl(tmp_path / f"{name}.jsonl", rows))
+    assert [format_demo(spec, ex) for ex in examples] == demos
+    assert all(demo.startswith(format_query(spec, ex)) for demo, ex in zip(demos, examples))
+    if name in GOLD:
+        assert get_parser(spec.parser)(examples[0].answer) == GOLD[name]
+
+
+def test_icl_prompt_joins_demos_with_blank_lines(tmp_path):
+    spec = get_task("sst2")
+    rows = [{"sentence": s, "label": y} for s, y in [("good", 1), ("bad", 0), ("fine", 1)]]
+    a, b, query = load_file(spec, write_jsonl(tmp_path / "s.jsonl", rows))
+    assert build_icl_prompt(spec, [a, b], query) == "Text:good\nLabel:1\n\nText:bad\nLabel:0\n\nText:fine\nLabel:"
+
+
+def test_sciq_options_are_shuffled_per_example_not_per_file(tmp_path):
+    spec = get_task("sciq-remap")
+    rows = [{**SCIQ, "question": f"Question {i}?", "correct_answer": f"right {i}"} for i in range(40)]
+    forward = load_file(spec, write_jsonl(tmp_path / "a.jsonl", rows))
+    backward = load_file(spec, write_jsonl(tmp_path / "b.jsonl", rows[::-1]))
+    assert [format_demo(spec, e) for e in forward] == [format_demo(spec, e) for e in backward][::-1]
+    assert {e.answer for e in forward} == {"apple", "Friday", "banana", "Saturday"}  # every position is used
+    for i, ex in enumerate(forward):
+        lines = ex.fields["choices"].splitlines()
+        assert sorted(line.split("]", 1)[1] for line in lines) == sorted([f"right {i}", "nucleus", "ribosome",
+                                                                          "membrane"])
+        assert f"[{ex.answer}]right {i}" in lines
+
+
+@pytest.mark.parametrize("name, row, expected", [
+    ("sst2", {"sentence": "ok", "label": 5}, "unknown label '5' (expected one of '0', '1')"),
+    ("fins", {"sentence": "ok", "label": 3}, "unknown label '3' (expected one of '0', '2')"),
+    ("strategyqa", {"question": "q?", "answer": "maybe"}, "unknown label 'maybe' (expected one of 'False', 'True')"),
+    ("bbcnews", {"text": "x", "label": 7}, "unknown label 7 (expected 0 tech, 1 business, 2 sport, 3 entertainment"),
+    ("qasc-remap", {**QASC, "answerKey": "Z"}, "answerKey 'Z' is not one of the choice labels"),
+    ("sciq-remap", {**SCIQ, "distractor2": ""}, "column 'distractor2' must be non-empty text"),
+])
+def test_unknown_labels_and_bad_rows_name_the_file_and_line(name, row, expected, tmp_path):
+    spec = get_task(name)
+    rows, _ = CASES[name]
+    path = write_jsonl(tmp_path / "d.jsonl", [rows[0], row])
+    with pytest.raises(DataError) as err:
+        load_file(spec, path)
+    assert f"{path}:2: {expected}" in str(err.value)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_a_file_without_a_required_column_is_refused_naming_it(name, tmp_path):
+    spec = get_task(name)
+    rows, _ = CASES[name]
+    column = _required(name)[0]
+    path = write_jsonl(tmp_path / "d.jsonl", [{k: v for k, v in r.items() if k != column} for r in rows])
+    with pytest.raises(DataError) as err:
+        load_file(spec, path)
+    assert f"{path}:1: missing column '{column}'" in str(err.value)
+
+
+def _required(name: str) -> list[str]:
+    from ia2ray.data.transforms import TRANSFORMS
+
+    spec = get_task(name)
+    return list(TRANSFORMS[spec.transform].columns) if spec.transform else [*spec.input_fields, spec.label_field]
+
+
+def test_a_single_split_dataset_holds_out_its_last_rows_as_the_eval_pool(tmp_path):
+    spec = get_task("fins").model_copy(update={"eval_holdout": 5})
+    rows = [{"sentence": f"s{i}", "label": [0, 1, 2][i % 3]} for i in range(30)]  # 20 kept, 10 neutral dropped
+    path = write_jsonl(tmp_path / "fins.jsonl", rows)
+    train, evals = load_pools(spec, 2000, 500, path)
+    assert len(train) == 15 and len(evals) == 5
+    assert not {e.source for e in train} & {e.source for e in evals}
+    assert load_pools(spec, 2000, 500, path) == (train, evals)  # seeded
+    assert get_task("fins").eval_holdout == get_task("strategyqa").eval_holdout == 500
+    with pytest.raises(ValueError, match=f"{path} has 20 usable rows, but the eval pool alone takes the last 500"):
+        load_pools(get_task("fins"), 2000, 500, path)
+
+
+def test_ood_pairs_share_the_label_words_of_their_source():
+    assert OOD_PAIRS == {"sst2": ["sst2", "fins", "poems"], "fins": ["fins", "poems", "sst2"],
+                         "agnews": ["agnews", "bbcnews"], "sciq-remap": ["sciq-remap", "qasc-remap"],
+                         "gsm8k": ["gsm8k", "gsm-symbolic"]}
+    for source, targets in OOD_PAIRS.items():
+        words = set((get_task(source).label_words or {}).values())
+        for target in targets:
+            spec = get_task(target)
+            assert spec.answer_type == get_task(source).answer_type
+            assert words <= set((spec.label_words or {}).values())  # qasc-remap adds four more words
