@@ -164,3 +164,98 @@ def test_ood_pairs_share_the_label_words_of_their_source():
             spec = get_task(target)
             assert spec.answer_type == get_task(source).answer_type
             assert words <= set((spec.label_words or {}).values())  # qasc-remap adds four more words
+
+
+def test_ood_icl_prompt_has_source_demos_and_the_target_query(tmp_path):
+    sst2, fins = get_task("sst2"), get_task("fins")
+    demo = load_file(sst2, write_jsonl(tmp_path / "s.jsonl", [{"sentence": "good", "label": 1}]))[0]
+    query = load_file(fins, write_jsonl(tmp_path / "f.jsonl", [{"sentence": "Profit rose.", "label": 2}]))[0]
+    assert build_icl_prompt(fins, [demo], query, demo_spec=sst2) == "Text:good\nLabel:1\n\nText:Profit rose.\nLabel:"
+
+
+WORDS = ["good", "bad", "fine", "dull", "great", "poor", "warm", "cold"]
+
+
+def write_ood_files(tmp_path) -> dict[str, str]:
+    """Local files with the hub columns of SST2 (train and eval), FinS and PoemS (eval rows only)."""
+    sst2 = [{"idx": i, "sentence": f"{WORDS[i % 8]} {WORDS[(i * 3) % 8]} film", "label": i % 2} for i in range(60)]
+    fins = [{"sentence": f"Sales {WORDS[i % 8]}.", "label": [0, 1, 2][i % 3]} for i in range(30)]  # 20 kept
+    poems = [{"id": i, "verse_text": f"a {WORDS[i % 8]} night", "label": i % 4} for i in range(40)]  # 20 kept
+    return {"train": write_jsonl(tmp_path / "sst2-train.jsonl", sst2[:40]),
+            "eval": write_jsonl(tmp_path / "sst2-eval.jsonl", sst2[40:]),
+            "fins": write_jsonl(tmp_path / "fins.jsonl", fins), "poems": write_jsonl(tmp_path / "poems.jsonl", poems)}
+
+
+OOD_STUDY = """\
+name: ood
+pipeline: ia2->sft
+model: {{path: "builtin:testbed"}}
+task:
+  name: sst2
+  path: {train}
+  eval_path: {eval}
+  ood: {{fins: {fins}, poems: {poems}}}
+data: {{n: 4, val_size: 8, test_size: 8, train_pool: 40, eval_pool: 20}}
+train: {{max_epochs: 1, num_workers: 0}}
+eval: {{icl_draws: 1}}
+study: {{num_trials: 1, confirm: {{top_k: 1, seeds: [0], baselines: [icl]}}}}
+search:
+  params:
+    lr.align: {{kind: loguniform, low: 1.0e-4, high: 1.0e-2, default: 1.0e-3}}
+"""
+
+
+@pytest.mark.parametrize("ood, expected", [
+    ({"nope": None}, "task.ood.nope: unknown task 'nope'"),
+    ({"gsm8k": None}, "task.ood.gsm8k: a text task cannot be an out-of-domain target of 'sst2', a label task"),
+    ({"poems": "SMALL"}, "task.ood.poems: eval pool too small: test_size=8 needed, only 2 available"),
+])
+def test_bad_ood_targets_are_refused_before_anything_runs(ood, expected, tmp_path, capsys):
+    from ia2ray.tune import main
+
+    files = write_ood_files(tmp_path)
+    small = write_jsonl(tmp_path / "small.jsonl", [{"verse_text": "x", "label": 0}, {"verse_text": "y", "label": 1}])
+    path = tmp_path / "ood.yaml"
+    path.write_text(OOD_STUDY.format(**files))
+    flow = "{" + ", ".join(f"{k}: {small if v == 'SMALL' else 'null'}" for k, v in ood.items()) + "}"
+    assert main(["--config", str(path), "--storage", str(tmp_path / "studies"), "--set", f"task.ood={flow}",
+                 "--dry-run"]) == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_ood_pairs_run_in_a_smoke_study_on_the_testbed_model(ray_cluster, mlflow_server, tmp_path, capsys):
+    """SST2 -> FinS and PoemS from local files: the confirmation runs score every target (ICL with SST2
+    demos before target queries), the search never does, and the report and MLflow carry them."""
+    import csv
+
+    import mlflow
+
+    from ia2ray.tune import main
+
+    files = write_ood_files(tmp_path)
+    path = tmp_path / "ood.yaml"
+    path.write_text(OOD_STUDY.format(**files))
+    storage = tmp_path / "studies"
+    assert main(["--config", str(path), "--storage", str(storage), "--tracking-uri", mlflow_server]) == 0, \
+        capsys.readouterr().err[-3000:]
+    study = storage / "ood"
+    summaries = {p.parent.name: json.loads(p.read_text()) for p in study.glob("runs/*/summary.json")}
+    assert sorted(summaries) == ["confirm-ICL-s0", "confirm-best-1-s0", next(n for n in summaries if "trial" in n)]
+    for name, summary in summaries.items():
+        if name.startswith("confirm"):
+            assert summary["ood/fins"]["n"] == summary["ood/poems"]["n"] == 8 and "ece" in summary["ood/fins"]
+        else:  # selection never sees a target
+            assert not [k for k in summary if k.startswith("ood/")]
+    assert summaries["confirm-ICL-s0"]["ood/fins"]["draws"] == 1  # the ICL baseline, with SST2 demos
+    report = (study / "report.md").read_text()
+    assert "## Out of domain" in report and "| method | seeds | fins acc |" in report and "poems ECE" in report
+    header = next(csv.reader((study / "report.csv").open()))
+    assert {"ood/fins_acc_mean", "ood/poems_ece_std"} <= set(header)
+    client = mlflow.MlflowClient(mlflow_server)
+    (experiment,) = [e for e in client.search_experiments() if e.name == "ood"]
+    runs = client.search_runs([experiment.experiment_id])
+    confirm = [r for r in runs if r.data.tags.get("ia2ray.phase") == "confirm"]
+    search = [r for r in runs if r.data.tags.get("ia2ray.phase") == "search"]
+    assert len(confirm) == 2 and len(search) == 1
+    assert all({"ood/fins/acc", "ood/poems/acc", "test/acc"} <= set(r.data.metrics) for r in confirm)
+    assert not [k for k in search[0].data.metrics if k.startswith("ood/")]

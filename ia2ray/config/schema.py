@@ -44,6 +44,12 @@ class TaskConfig(Section):
     eval_path: Optional[str] = Field(
         None, description="Local file for the evaluation pool; default: the task's eval split."
     )
+    ood: dict[str, Optional[str]] = Field(
+        default_factory=dict, description="Out-of-domain targets evaluated with the test split: task name -> local "
+        "file of its rows (null: its hub eval split), e.g. `{fins: null, poems: data/poems.jsonl}`. Each target's "
+        "first `data.test_size` eval-pool rows are scored as `ood/<name>` (the ICL baseline with demos from this task "
+        "and the query from the target); training and model selection never see them. The paper's pairs: "
+        "`ia2ray.data.benchmarks.OOD_PAIRS`.")
 
 
 class DataConfig(Section):

@@ -68,10 +68,12 @@ def score_labels(logits: torch.Tensor, golds: Sequence[str], tokenizer, label_id
     return correct, conf.tolist(), gold_p
 
 
-def prompts_for(spec: TaskSpec, examples: Sequence[Example], demos: Optional[Sequence[Example]] = None) -> list[str]:
-    """Zero-shot queries, or ICL prompts with the same demos before every query."""
+def prompts_for(spec: TaskSpec, examples: Sequence[Example], demos: Optional[Sequence[Example]] = None,
+                demo_spec: Optional[TaskSpec] = None) -> list[str]:
+    """Zero-shot queries, or ICL prompts with the same demos before every query (formatted by
+    `demo_spec` when they come from another task)."""
     if demos:
-        return [build_icl_prompt(spec, list(demos), ex) for ex in examples]
+        return [build_icl_prompt(spec, list(demos), ex, demo_spec) for ex in examples]
     return [format_query(spec, ex) for ex in examples]
 
 
@@ -83,9 +85,9 @@ def parse_answer(spec: TaskSpec, text: str) -> Optional[str]:
 
 
 def evaluate(model, tokenizer, spec: TaskSpec, examples: Sequence[Example], cfg: EvalConfig, device,
-             demos: Optional[Sequence[Example]] = None) -> dict:
-    """Metrics of `model` on `examples` (zero-shot, or with `demos` in the prompt)."""
-    prompts = prompts_for(spec, examples, demos)
+             demos: Optional[Sequence[Example]] = None, demo_spec: Optional[TaskSpec] = None) -> dict:
+    """Metrics of `model` on `examples` (zero-shot, or with `demos` of task `demo_spec` in the prompt)."""
+    prompts = prompts_for(spec, examples, demos, demo_spec)
     if spec.answer_type == "label":
         logits = next_token_logits(model, tokenizer, prompts, cfg.batch_size, device)
         golds = [ex.answer for ex in examples]
@@ -106,9 +108,10 @@ def evaluate(model, tokenizer, spec: TaskSpec, examples: Sequence[Example], cfg:
 
 
 def icl_baseline(model, tokenizer, spec: TaskSpec, examples: Sequence[Example],
-                 draws: Sequence[Sequence[Example]], cfg: EvalConfig, device) -> dict:
+                 draws: Sequence[Sequence[Example]], cfg: EvalConfig, device,
+                 demo_spec: Optional[TaskSpec] = None) -> dict:
     """The base model with N-1 demos (from outside the training set), averaged over demo draws."""
-    runs = [evaluate(model, tokenizer, spec, examples, cfg, device, demos=d) for d in draws]
+    runs = [evaluate(model, tokenizer, spec, examples, cfg, device, demos=d, demo_spec=demo_spec) for d in draws]
     out = {"draws": len(runs), "n": runs[0]["n"]}
     for key in ("acc", "ece", "nll", "brier"):
         values = [r[key] for r in runs if r.get(key) is not None]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from transformers import AutoConfig, AutoTokenizer
@@ -27,7 +27,7 @@ from ia2ray.core.objective import StageObjective
 from ia2ray.core.sites import num_layers
 from ia2ray.core.stages import StageSettings, train_stage
 from ia2ray.data.examples import Example, format_answer, format_query
-from ia2ray.data.splits import Splits, dev_prompts, icl_demo_draws, load_pools, make_splits, training_prompts
+from ia2ray.data.splits import Splits, dev_prompts, eval_pool, icl_demo_draws, load_pools, make_splits, training_prompts
 from ia2ray.data.tasks import TaskSpec, get_task
 from ia2ray.fileio import ia2ray_home
 from ia2ray.mirror import is_remote
@@ -62,6 +62,12 @@ class RunData:
     spec: TaskSpec
     splits: Splits
     icl_draws: list[list[Example]]  # demo sets of the ICL baseline (empty when it is off)
+    ood: dict[str, tuple[TaskSpec, list[Example]]] = field(default_factory=dict)  # target -> (spec, test rows)
+
+
+def ood_split(name: str) -> str:
+    """The summary key (and metric prefix) of an out-of-domain target: `ood/<name>`."""
+    return f"ood/{name}"
 
 
 def prepare_data(cfg: RunConfig) -> RunData:
@@ -73,7 +79,31 @@ def prepare_data(cfg: RunConfig) -> RunData:
     draws = []
     if cfg.eval.icl_baseline:
         draws = icl_demo_draws(splits, max(cfg.data.n - 1, 0), cfg.eval.icl_draws, cfg.data.seed)
-    return RunData(spec, splits, draws)
+    return RunData(spec, splits, draws, {name: ood_rows(cfg, spec, name, path) for name, path in cfg.task.ood.items()})
+
+
+def ood_rows(cfg: RunConfig, source: TaskSpec, name: str, path: Optional[str]) -> tuple[TaskSpec, list[Example]]:
+    """An out-of-domain target's spec and its first `data.test_size` eval-pool rows."""
+    try:
+        target = get_task(name)
+    except KeyError as exc:
+        raise ValueError(f"task.ood.{name}: {exc.args[0]}") from None
+    if target.answer_type != source.answer_type:
+        raise ValueError(f"task.ood.{name}: a {target.answer_type} task cannot be an out-of-domain target of "
+                         f"{source.name!r}, a {source.answer_type} task")
+    rows = eval_pool(target, cfg.data.eval_pool, path)
+    if len(rows) < cfg.data.test_size:
+        raise ValueError(f"task.ood.{name}: eval pool too small: test_size={cfg.data.test_size} needed, only "
+                         f"{len(rows)} available")
+    return target, rows[: cfg.data.test_size]
+
+
+def eval_sets(data: RunData, splits: tuple[str, ...]) -> list[tuple[str, TaskSpec, list[Example]]]:
+    """(summary key, task, rows) evaluated for `splits`: each split, then with "test" the OOD targets."""
+    sets = [(split, data.spec, getattr(data.splits, split)) for split in splits]
+    if "test" in splits:
+        sets += [(ood_split(name), target, rows) for name, (target, rows) in data.ood.items()]
+    return sets
 
 
 def preflight(cfg: RunConfig, data: RunData) -> None:
@@ -98,10 +128,13 @@ def preflight(cfg: RunConfig, data: RunData) -> None:
             errors.append(str(exc))
     if data.spec.answer_type == "label":
         tokenizer = AutoTokenizer.from_pretrained(path, **kw)
-        try:
-            label_token_ids(tokenizer, data.spec, format_query(data.spec, data.splits.train[0]))
-        except ValueError as exc:
-            errors.append(f"task.name: {exc}")
+        checks = [("task.name", data.spec, data.splits.train[0])]
+        checks += [(f"task.ood.{name}", target, rows[0]) for name, (target, rows) in data.ood.items()]
+        for key, spec, example in checks:
+            try:
+                label_token_ids(tokenizer, spec, format_query(spec, example))
+            except ValueError as exc:
+                errors.append(f"{key}: {exc}")
     if errors:
         raise ConfigError(errors, f"the config (checked against {path})")
 
@@ -262,8 +295,8 @@ def run_pipeline(cfg: RunConfig, *, data: Optional[RunData] = None, progress: bo
     summary["stages"] = [r for r, _ in results]
     history = [{"stage": r["name"], **h} for r, hist in results for h in hist]
     model.eval()
-    for split in splits:
-        summary[split] = evaluate(model, tokenizer, spec, getattr(data.splits, split), cfg.eval, device)
+    for key, task, rows in eval_sets(data, splits):
+        summary[key] = evaluate(model, tokenizer, task, rows, cfg.eval, device)
     clock.append(time.perf_counter())
     # seconds: data + model load, ICL baseline + teacher + items, stage training (all of it, e.g. a
     # whole Ray Train fit), evaluation
@@ -273,9 +306,10 @@ def run_pipeline(cfg: RunConfig, *, data: Optional[RunData] = None, progress: bo
 
 
 def icl_metrics(cfg: RunConfig, model, tokenizer, data: RunData, splits: tuple[str, ...], device) -> dict:
-    """The ICL baseline (base model, N-1 demos from outside the training set) on each split."""
-    return {split: icl_baseline(model, tokenizer, data.spec, getattr(data.splits, split), data.icl_draws, cfg.eval,
-                                device) for split in splits}
+    """The ICL baseline (base model, N-1 demos from outside the training set) on each split, and on the
+    out-of-domain targets with demos from this task."""
+    return {key: icl_baseline(model, tokenizer, task, rows, data.icl_draws, cfg.eval, device, demo_spec=data.spec)
+            for key, task, rows in eval_sets(data, splits)}
 
 
 def run_icl(cfg: RunConfig, *, data: Optional[RunData] = None, splits: tuple[str, ...] = ("val", "test")) -> dict:

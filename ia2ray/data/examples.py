@@ -43,7 +43,8 @@ def format_demo(spec: TaskSpec, ex: Example) -> str:
     return format_query(spec, ex) + format_answer(spec, ex)
 
 
-def build_icl_prompt(spec: TaskSpec, demos: list[Example], query: Example) -> str:
-    """Demos joined by the separator, the separator, then the query (just the query if no demos)."""
-    parts = [format_demo(spec, d) for d in demos] + [format_query(spec, query)]
+def build_icl_prompt(spec: TaskSpec, demos: list[Example], query: Example, demo_spec: TaskSpec | None = None) -> str:
+    """Demos joined by the separator, the separator, then the query (just the query if no demos).
+    Out of domain, the demos come from another task: `demo_spec` formats them (default: `spec`)."""
+    parts = [format_demo(demo_spec or spec, d) for d in demos] + [format_query(spec, query)]
     return spec.demo_separator.join(parts)

@@ -56,17 +56,30 @@ def load_pools(spec: TaskSpec, train_size: int, eval_size: int, train_path: str 
     K and no separate eval file takes both from its train rows: the last K of the shuffle are the eval
     pool, the train pool comes from the others."""
     if spec.eval_holdout and eval_path is None:
-        rows = load_examples(spec, train_path, "train", seed=0)
-        if len(rows) <= spec.eval_holdout:
-            where = train_path or f"{spec.hub_id}[{spec.train_split}]"
-            raise ValueError(f"task {spec.name!r}: {where} has {len(rows)} usable rows, but the eval pool alone takes "
-                             f"the last {spec.eval_holdout} (eval_holdout)")
-        shuffled = pools(rows, len(rows), seed=0)
-        cut = len(shuffled) - spec.eval_holdout
-        return shuffled[:cut][:train_size], shuffled[cut:][:eval_size]
-    train = pools(load_examples(spec, train_path, "train", seed=0), train_size, seed=0)
-    eval_rows = pools(load_examples(spec, eval_path, "eval", seed=0), eval_size, seed=0)
-    return train, eval_rows
+        return _held_out(spec, train_size, eval_size, train_path)
+    return pools(load_examples(spec, train_path, "train", seed=0), train_size, seed=0), \
+        eval_pool(spec, eval_size, eval_path)
+
+
+def eval_pool(spec: TaskSpec, size: int, path: str | None = None) -> list[Example]:
+    """The eval pool alone (an out-of-domain target needs no train rows): the rows of `path` (an eval
+    file), else the hub's eval split, or for `eval_holdout` tasks the hub rows it holds out."""
+    if spec.eval_holdout and path is None:
+        return _held_out(spec, 0, size, None)[1]
+    return pools(load_examples(spec, path, "eval", seed=0), size, seed=0)
+
+
+def _held_out(spec: TaskSpec, train_size: int, eval_size: int,
+              train_path: str | None) -> tuple[list[Example], list[Example]]:
+    """(train pool, eval pool) of one set of rows: the last `eval_holdout` of the shuffle are the eval pool."""
+    rows = load_examples(spec, train_path, "train", seed=0)
+    if len(rows) <= spec.eval_holdout:
+        where = train_path or f"{spec.hub_id}[{spec.train_split}]"
+        raise ValueError(f"task {spec.name!r}: {where} has {len(rows)} usable rows, but the eval pool alone takes "
+                         f"the last {spec.eval_holdout} (eval_holdout)")
+    shuffled = pools(rows, len(rows), seed=0)
+    cut = len(shuffled) - spec.eval_holdout
+    return shuffled[:cut][:train_size], shuffled[cut:][:eval_size]
 
 
 def dev_size(n: int) -> int:

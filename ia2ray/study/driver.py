@@ -172,6 +172,7 @@ def prepare_study(config: Optional[str], overrides: list[str], storage: Optional
     tree = base.model_dump(mode="json")
     tree["model"]["path"] = _absolute(tree["model"]["path"])  # trials run in other working directories
     tree["task"]["path"], tree["task"]["eval_path"] = _absolute(tree["task"]["path"]), _absolute(tree["task"]["eval_path"])
+    tree["task"]["ood"] = {name: _absolute(path) for name, path in tree["task"]["ood"].items()}
     tree["capture"]["cache_dir"] = join(remote, "activations") if remote else str(study_dir / "activations")
     tree["train"]["storage"] = join(remote, "train") if remote else str(study_dir / "train")
     base = RunConfig.model_validate(tree)

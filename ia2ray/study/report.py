@@ -1,5 +1,6 @@
-"""The study report: a table per method (mean and std over seeds of test accuracy and ECE), the Pareto
-front of the search, and reliability diagrams, written into the study folder.
+"""The study report: a table per method (mean and std over seeds of test accuracy and ECE, and of the
+out-of-domain targets'), the Pareto front of the search, and reliability diagrams, written into the
+study folder.
 
 Files: `report.md`, `report.csv`, `trials.csv` (every completed search trial), `pareto.csv`, `pareto.png`,
 `reliability.png`. Standard deviations are sample standard deviations (ddof=1; 0 for one seed).
@@ -39,15 +40,20 @@ def load_confirm_runs(study_dir: Path, rows: list[dict]) -> dict[str, list[dict]
     return out
 
 
+def ood_targets(runs: dict[str, list[dict]]) -> list[str]:
+    """The out-of-domain splits (`ood/<task>`) the confirmation runs were evaluated on."""
+    return sorted({k for summaries in runs.values() for s in summaries for k in s if k.startswith("ood/")})
+
+
 def summarise(runs: dict[str, list[dict]]) -> list[dict]:
-    """One row per method: seeds, mean/std of test and val acc/ECE, the params."""
+    """One row per method: seeds, mean/std of test, val and out-of-domain acc/ECE, the params."""
     table = []
     for label, summaries in runs.items():
         row = {"method": label, "params": describe_params(summaries[0].get("params", {})),
                "seeds": " ".join(str(s["seed"]) for s in summaries), "n_seeds": len(summaries)}
-        for split in ("test", "val"):
+        for split in ("test", "val", *ood_targets(runs)):
             for key in ("acc", "ece"):
-                values = [s[split][key] for s in summaries if s[split].get(key) is not None]
+                values = [s[split][key] for s in summaries if split in s and s[split].get(key) is not None]
                 if values:
                     row[f"{split}_{key}_mean"], row[f"{split}_{key}_std"] = _mean_std(values)
         table.append(row)
@@ -60,7 +66,8 @@ COLUMNS = ["method", "n_seeds", "seeds", "test_acc_mean", "test_acc_std", "test_
 
 def table_csv(table: list[dict]) -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+    ood = sorted({k for row in table for k in row if k.startswith("ood/")})
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS[:-1] + ood + COLUMNS[-1:], extrasaction="ignore")
     writer.writeheader()
     for row in table:
         writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
@@ -79,6 +86,16 @@ def table_markdown(table: list[dict], ece_scheme: str) -> str:
     for r in table:
         lines.append(f"| {r['method']} | {r['seeds']} | {_cell(r, 'test', 'acc')} | {_cell(r, 'test', 'ece')} | "
                      f"{_cell(r, 'val', 'acc')} | {_cell(r, 'val', 'ece')} | {r['params'] or 'defaults'} |")
+    return "\n".join(lines) + "\n"
+
+
+def ood_markdown(table: list[dict], targets: list[str], ece_scheme: str) -> str:
+    """Out-of-domain results: one row per method, accuracy and ECE on each target's test rows."""
+    head = " | ".join(f"{t[len('ood/'):]} acc | {t[len('ood/'):]} ECE ({ece_scheme})" for t in targets)
+    lines = [f"| method | seeds | {head} |", "|---|---|" + "---|---|" * len(targets)]
+    for r in table:
+        cells = " | ".join(f"{_cell(r, t, 'acc')} | {_cell(r, t, 'ece')}" for t in targets)
+        lines.append(f"| {r['method']} | {r['seeds']} | {cells} |")
     return "\n".join(lines) + "\n"
 
 
@@ -154,8 +171,12 @@ def write_report(study_dir: Path, name: str, study_lines: list[str], rows: list[
                  front: list[dict], metrics: list[str], ece_scheme: str) -> tuple[str, list[dict]]:
     """Write report.md/csv, trials.csv and the plots; returns (markdown table, table rows)."""
     runs = load_confirm_runs(study_dir, rows)
-    table = summarise(runs)
+    table, targets = summarise(runs), ood_targets(runs)
     md_table = table_markdown(table, ece_scheme)
+    ood = ["## Out of domain: each target's test rows (mean ± std over seeds)", "",
+           ood_markdown(table, targets, ece_scheme),
+           "The ICL rows put demos of the trained task before each target query; no target row was used for "
+           "training or selection.", ""] if targets else []
     write_text_atomic(study_dir / "report.csv", table_csv(table))
     write_text_atomic(study_dir / "trials.csv", trials_csv(trials, metrics))
     has_pareto = metrics[:2] == ["val/acc", "val/ece"]
@@ -167,7 +188,7 @@ def write_report(study_dir: Path, name: str, study_lines: list[str], rows: list[
     text = "\n".join([
         f"# Study {name}", "", *study_lines, "",
         "## Confirmation on the test split (mean ± std over seeds)", "", md_table,
-        "Selection used only the validation split; the test split was evaluated only here.", "",
+        "Selection used only the validation split; the test split was evaluated only here.", "", *ood,
         f"## Search: {len(trials)} completed trials; selected configs ({metrics and ', '.join(metrics)})", "",
         *(front_lines or ["(none)"]), "",
         *(["![Pareto front](pareto.png)", ""] if has_pareto and trials else []),

@@ -129,7 +129,7 @@ def log_result(run: Optional[RunLog], out_dir: Path, cfg: RunConfig, summary: di
               **{f"time/{k}": v for k, v in (summary.get("timings") or {}).items()}}
     run.log_metrics(items + [(k, v, 0) for k, v in finals.items()])
     write_text_atomic(out_dir / "config.yaml", dump_yaml(cfg))
-    plot_reliability({cfg.name: [summary]}, out_dir / "reliability.png", split=splits[-1])
+    plot_reliability({cfg.name: [summary]}, out_dir / "reliability.png", split=splits[-1])  # test, else val
     for name in ("config.yaml", "summary.json", "reliability.png"):
         if (out_dir / name).is_file():
             run.log_artifact(out_dir / name)

@@ -162,10 +162,13 @@ def confirm_trial(config: dict, ctx: TrialContext) -> None:
                        **{"data.seed": row["seed"], "eval.icl_baseline": row["icl"]})
     tags = {"label": row["label"], "trial_id": tune.get_context().get_trial_id(),
             **({"pipeline": "icl"} if row["icl"] else {})}
+    from ia2ray.core.pipeline import ood_split
+
     run = trial_run(ctx.tracking, cfg.name, cfg, "confirm", tags)
+    evaluated = ("val", *(ood_split(name) for name in cfg.task.ood), "test")  # test last: its reliability plot
     with run_folder(ctx, cfg) as out, running(run, out):
         summary = run_and_save(cfg, out, ("val", "test"), {"label": row["label"], "params": row["params"],
                                "phase": "confirm"}, icl=row["icl"], run=run)
-        log_result(run, out, cfg, summary, ("val", "test"))
-    tune.report({f"{split}/{key}": summary[split][key] for split in ("val", "test") for key in ("acc", "ece")
+        log_result(run, out, cfg, summary, evaluated)
+    tune.report({f"{split}/{key}": summary[split][key] for split in evaluated for key in ("acc", "ece")
                  if summary[split].get(key) is not None})
