@@ -62,8 +62,9 @@ def print_summary(summary: dict) -> None:
     for col in ("model", "split", "acc", f"ece ({summary['ece_scheme']})", "nll", "brier"):
         table.add_column(col)
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
-    rows = [("icl", s, summary["icl"][s]) for s in ("val", "test")] if "icl" in summary else []
-    rows += [(summary["pipeline"], s, summary[s]) for s in ("val", "test")]
+    splits = ["val", "test", *sorted(k for k in summary if k.startswith("ood/"))]  # out-of-domain targets last
+    rows = [("icl", s, summary["icl"][s]) for s in splits] if "icl" in summary else []
+    rows += [(summary["pipeline"], s, summary[s]) for s in splits]
     for name, split, m in rows:
         table.add_row(name, split, fmt(m.get("acc")), fmt(m.get("ece")), fmt(m.get("nll")), fmt(m.get("brier")))
     Console().print(table)

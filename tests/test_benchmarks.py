@@ -208,13 +208,13 @@ search:
 @pytest.mark.parametrize("ood, expected", [
     ({"nope": None}, "task.ood.nope: unknown task 'nope'"),
     ({"gsm8k": None}, "task.ood.gsm8k: a text task cannot be an out-of-domain target of 'sst2', a label task"),
-    ({"poems": "SMALL"}, "task.ood.poems: eval pool too small: test_size=8 needed, only 2 available"),
+    ({"poems": "SMALL"}, "task.ood.poems: no usable rows in"),
 ])
 def test_bad_ood_targets_are_refused_before_anything_runs(ood, expected, tmp_path, capsys):
     from ia2ray.tune import main
 
     files = write_ood_files(tmp_path)
-    small = write_jsonl(tmp_path / "small.jsonl", [{"verse_text": "x", "label": 0}, {"verse_text": "y", "label": 1}])
+    small = write_jsonl(tmp_path / "small.jsonl", [{"verse_text": "x", "label": 2}, {"verse_text": "y", "label": 3}])
     path = tmp_path / "ood.yaml"
     path.write_text(OOD_STUDY.format(**files))
     flow = "{" + ", ".join(f"{k}: {small if v == 'SMALL' else 'null'}" for k, v in ood.items()) + "}"
@@ -259,3 +259,55 @@ def test_ood_pairs_run_in_a_smoke_study_on_the_testbed_model(ray_cluster, mlflow
     assert len(confirm) == 2 and len(search) == 1
     assert all({"ood/fins/acc", "ood/poems/acc", "test/acc"} <= set(r.data.metrics) for r in confirm)
     assert not [k for k in search[0].data.metrics if k.startswith("ood/")]
+
+
+def test_paper_scale_studies_cover_the_training_tasks_with_their_ood_targets():
+    from pathlib import Path
+
+    from ia2ray.config import load_study_file
+
+    root = Path(__file__).resolve().parents[1] / "search_spaces"
+    trained = [t for t in PAPER_TASKS if t not in ("poems", "bbcnews", "qasc-remap", "gsm-symbolic")]
+    for prefix, n in (("qwen3-4b", 4), ("llama-3.2-1b", 8)):
+        for task in trained:
+            base, _ = load_study_file(root / f"{prefix}-{task}.yaml")  # a study file is a run config too
+            assert (base.name, base.task.name, base.data.n) == (f"{prefix}-{task}", task, n)
+            assert list(base.task.ood) == OOD_PAIRS.get(task, [task])[1:]  # targets from the hub (null paths)
+            assert all(path is None for path in base.task.ood.values())
+
+
+def _pair_rows(task: str, n: int) -> list[dict]:
+    """n rows in the hub columns of `task` (only the tasks of the pairs below)."""
+    w = lambda i: WORDS[i % 8]  # noqa: E731
+    return {"agnews": lambda: [{"text": f"{w(i)} news {w(i * 3)}", "label": i % 4} for i in range(n)],
+            "bbcnews": lambda: [{"text": f"{w(i)} story", "label": i % 5} for i in range(n)],
+            "gsm8k": lambda: [{"question": f"{i} plus 1?", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"}
+                              for i in range(n)],
+            "gsm-symbolic": lambda: [{"question": f"{i} plus 2?", "answer": f"#### {i + 2}", "id": i, "instance": 0}
+                                     for i in range(n)]}[task]()
+
+
+@pytest.mark.parametrize("source, target", [("sst2", "fins"), ("agnews", "bbcnews"), ("gsm8k", "gsm-symbolic")])
+def test_a_single_run_scores_its_ood_targets(source, target, tmp_path, capsys):
+    """`python -m ia2ray.run` on the testbed model from local files, for the paper's pairs whose label words
+    the testbed tokenizer keeps as one token (SciQ-remap's day and fruit words are several tokens there)."""
+    from ia2ray.run import main
+
+    if source == "sst2":
+        files = write_ood_files(tmp_path)
+        train, evals, ood = files["train"], files["eval"], files["fins"]
+    else:
+        rows = _pair_rows(source, 60)
+        train, evals = write_jsonl(tmp_path / "t.jsonl", rows[:40]), write_jsonl(tmp_path / "e.jsonl", rows[40:])
+        ood = write_jsonl(tmp_path / "o.jsonl", _pair_rows(target, 20))
+    out = tmp_path / "summary.json"
+    sets = ["model.path=builtin:testbed", f"task.name={source}", f"task.path={train}", f"task.eval_path={evals}",
+            f"task.ood={{{target}: {ood}}}", "data.n=4", "data.val_size=8", "data.test_size=8", "data.train_pool=40",
+            "data.eval_pool=20", "train.max_epochs=1", "train.num_workers=0", "eval.icl_draws=1",
+            "eval.max_new_tokens=8", f"output.dir={tmp_path / 'out'}"]
+    assert main([a for s in sets for a in ("--set", s)] + ["--json", str(out)]) == 0
+    summary = json.loads(out.read_text())
+    assert summary[f"ood/{target}"]["n"] == summary["icl"][f"ood/{target}"]["n"] == 8
+    assert 0.0 <= summary[f"ood/{target}"]["acc"] <= 1.0
+    printed = capsys.readouterr().out
+    assert printed.count(f"ood/{target}") == 2  # the ICL row and the trained model's

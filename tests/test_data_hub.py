@@ -39,3 +39,29 @@ def test_hub_rows_with_unknown_labels_are_reported(tmp_path, monkeypatch):
     spec = get_task("sst2").model_copy(update={"hub_id": str(repo)})
     with pytest.raises(DataError, match=r"row 1: unknown label '-1'"):
         load_examples(spec, split="train")
+
+
+def test_transformed_and_held_out_tasks_load_through_load_dataset(tmp_path, monkeypatch):
+    """QASC's nested `choices` column survives the hub path, and a single-split dataset (StrategyQA,
+    booleans) is split into train and held-out eval pools from the same hub split."""
+    from ia2ray.data.splits import load_pools
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    qasc = tmp_path / "qasc"
+    qasc.mkdir()
+    row = {"id": "q0", "question": "What grows?", "answerKey": "B", "fact1": "f", "fact2": "g",
+           "choices": {"text": ["rock", "plant", "glass", "iron", "salt", "sand", "ice", "tin"],
+                       "label": list("ABCDEFGH")}}
+    _write(qasc / "train.jsonl", [row])
+    _write(qasc / "validation.jsonl", [row])
+    spec = get_task("qasc-remap").model_copy(update={"hub_id": str(qasc)})
+    (ex,) = load_examples(spec, split="train")
+    assert ex.answer == "Friday" and ex.fields["choices"].startswith("[apple]rock\n[Friday]plant\n")
+    strategy = tmp_path / "strategy"
+    strategy.mkdir()
+    _write(strategy / "test.jsonl", [{"qid": str(i), "question": f"q{i}?", "answer": i % 3 == 0} for i in range(12)])
+    spec = get_task("strategyqa").model_copy(update={"hub_id": str(strategy), "eval_holdout": 4})
+    train, evals = load_pools(spec, 2000, 500)
+    assert len(train) == 8 and len(evals) == 4 and not {e.source for e in train} & {e.source for e in evals}
+    assert {e.answer for e in train + evals} == {"0", "1"}

@@ -36,8 +36,8 @@ class ModelConfig(Section):
 
 class TaskConfig(Section):
     name: str = Field("testbed/map2", description="Registered task name: the paper's benchmarks (`sst2`, `fins`, "
-                      "`poems`, `strategyqa`, `agnews`, `bbcnews`, `sciq-remap`, `qasc-remap`, `gsm8k`, `gsm-symbolic`, "
-                      "`math-algebra`, `sciq`; `ia2ray.data.benchmarks`), `testbed/*`, `toy/*`.")
+                      "`poems`, `strategyqa`, `agnews`, `bbcnews`, `sciq-remap`, `qasc-remap`, `gsm8k`, "
+                      "`gsm-symbolic`, `math-algebra`, `sciq`; `ia2ray.data.benchmarks`), `testbed/*`, `toy/*`.")
     path: Optional[str] = Field(
         None, description="Local jsonl/csv/parquet file with the task's columns, used instead of the hub."
     )
@@ -47,9 +47,9 @@ class TaskConfig(Section):
     ood: dict[str, Optional[str]] = Field(
         default_factory=dict, description="Out-of-domain targets evaluated with the test split: task name -> local "
         "file of its rows (null: its hub eval split), e.g. `{fins: null, poems: data/poems.jsonl}`. Each target's "
-        "first `data.test_size` eval-pool rows are scored as `ood/<name>` (the ICL baseline with demos from this task "
-        "and the query from the target); training and model selection never see them. The paper's pairs: "
-        "`ia2ray.data.benchmarks.OOD_PAIRS`.")
+        "first `data.test_size` eval-pool rows (all, if fewer) are scored as `ood/<name>` (the ICL baseline with "
+        "demos from this task and the query from the target); training and model selection never see them. The "
+        "paper's pairs: `ia2ray.data.benchmarks.OOD_PAIRS`.")
 
 
 class DataConfig(Section):
