@@ -85,6 +85,23 @@ def test_prompts_match_the_paper_string_for_string(name, tmp_path):
         assert get_parser(spec.parser)(examples[0].answer) == GOLD[name]
 
 
+def test_bbc_cut_on_a_space_and_labels_from_csv(tmp_path):
+    from ia2ray.data.transforms import bbc_to_agnews
+
+    exact = "a" * 255 + " tail words"  # character 256 is the space: the cut keeps 255 characters, drops ""
+    assert bbc_to_agnews({"text": exact, "label": 0})["text"] == "a" * 255
+    assert bbc_to_agnews({"text": "short text", "label": "3"}) == {"text": "short text", "label": 0}
+    with pytest.raises(ValueError, match=r"unknown label \[1\]"):
+        bbc_to_agnews({"text": "x", "label": [1]})
+    strategy = tmp_path / "s.csv"
+    strategy.write_text("qid,question,answer\na,Is ice cold?,True\nb,Can fish fly?,False\n")
+    assert [e.answer for e in load_file(get_task("strategyqa"), strategy)] == ["1", "0"]
+    fins = tmp_path / "f.csv"
+    fins.write_text("sentence,label\nUp.,2\nFlat.,1\nDown.,0\n")
+    assert [(e.fields["sentence"], e.answer) for e in load_file(get_task("fins"), fins)] == [("Up.", "1"),
+                                                                                             ("Down.", "0")]
+
+
 def test_icl_prompt_joins_demos_with_blank_lines(tmp_path):
     spec = get_task("sst2")
     rows = [{"sentence": s, "label": y} for s, y in [("good", 1), ("bad", 0), ("fine", 1)]]

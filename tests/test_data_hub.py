@@ -64,4 +64,7 @@ def test_transformed_and_held_out_tasks_load_through_load_dataset(tmp_path, monk
     spec = get_task("strategyqa").model_copy(update={"hub_id": str(strategy), "eval_holdout": 4})
     train, evals = load_pools(spec, 2000, 500)
     assert len(train) == 8 and len(evals) == 4 and not {e.source for e in train} & {e.source for e in evals}
+    from ia2ray.data.splits import eval_pool
+
+    assert eval_pool(spec, 500) == evals  # an OOD target from the hub: the same held-out rows
     assert {e.answer for e in train + evals} == {"0", "1"}

@@ -46,7 +46,7 @@ class TaskConfig(Section):
     )
     ood: dict[str, Optional[str]] = Field(
         default_factory=dict, description="Out-of-domain targets evaluated with the test split: task name -> local "
-        "file of its rows (null: its hub eval split), e.g. `{fins: null, poems: data/poems.jsonl}`. Each target's "
+        "file of its eval rows, taken whole (null: its hub eval split, or the rows it holds out), e.g. `{fins: null, poems: data/poems.jsonl}`. Each target's "
         "first `data.test_size` eval-pool rows (all, if fewer) are scored as `ood/<name>` (the ICL baseline with "
         "demos from this task and the query from the target); training and model selection never see them. The "
         "paper's pairs: `ia2ray.data.benchmarks.OOD_PAIRS`.")

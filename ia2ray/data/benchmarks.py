@@ -13,16 +13,13 @@ Out-of-domain pairs of the paper (train task -> eval tasks; demos from the train
 
 from __future__ import annotations
 
-from ia2ray.data.tasks import TaskSpec, register_task
+from ia2ray.data.tasks import DIGIT_ANSWER, TaskSpec, register_task
 from ia2ray.data.transforms import REMAP_WORDS
 
-DIGITS = {str(i): str(i) for i in range(4)}
 TEXT = "Text:{text}\nLabel:"
 QUESTION = "Question:{question}\nAnswer:"
 MCQ = "Question:{question}\nChoices:\n{choices}\nAnswer:"
-# the answer follows "Label:" / "Answer:" directly, as in the paper (Llama-3 and Qwen tokenizers split
-# " 1" into " " + "1", so "Label:1" keeps a digit label one next token)
-DIRECT = "{answer}"
+DIRECT = DIGIT_ANSWER  # every benchmark's answer follows "Label:" / "Answer:" directly, as in the paper
 
 
 def _label(name: str, template: str, field: str, n_labels: int, **kw) -> TaskSpec:
@@ -39,11 +36,11 @@ def _generative(name: str, field: str, answer_field: str, parser: str, max_new_t
                                   stop_strings=["\n\n"], **kw))
 
 
-_label("sst2", "Text:{sentence}\nLabel:", "sentence", 2, hub_id="stanfordnlp/sst2",
+_label("sst2", TEXT.replace("{text}", "{sentence}"), "sentence", 2, hub_id="stanfordnlp/sst2",
        eval_split="validation")  # the hub's test split has no labels (-1)
-_label("fins", "Text:{sentence}\nLabel:", "sentence", 2, label_words={"0": "0", "2": "1"}, drop_labels=["1"],
+_label("fins", TEXT.replace("{text}", "{sentence}"), "sentence", 2, label_words={"0": "0", "2": "1"}, drop_labels=["1"],
        hub_id="takala/financial_phrasebank", hub_config="sentences_50agree", eval_holdout=500)  # neutral dropped
-_label("poems", "Text:{verse_text}\nLabel:", "verse_text", 2, drop_labels=["2", "3"],  # no_impact, mixed
+_label("poems", TEXT.replace("{text}", "{verse_text}"), "verse_text", 2, drop_labels=["2", "3"],  # no_impact, mixed
        hub_id="google-research-datasets/poem_sentiment", train_split="validation", eval_split="train")
 _label("strategyqa", QUESTION, "question", 2, label_field="answer", label_words={"False": "0", "True": "1"},
        hub_id="wics/strategy-qa", train_split="test", eval_holdout=500)

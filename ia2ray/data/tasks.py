@@ -79,7 +79,10 @@ class TaskSpec(BaseModel):
     @field_validator("drop_labels", mode="before")
     @classmethod
     def _dropped_as_str(cls, value: Any) -> Any:
-        return [str(v) for v in value] if isinstance(value, list) else value
+        """As the loader writes raw labels: ``1``, ``1.0`` and ``"1"`` are all ``"1"``."""
+        if not isinstance(value, list):
+            return value
+        return [str(int(v)) if isinstance(v, float) and v.is_integer() else str(v) for v in value]
 
     @model_validator(mode="after")
     def _check_consistency(self) -> "TaskSpec":

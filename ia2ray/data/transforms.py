@@ -68,7 +68,7 @@ def qasc_remap(row: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"column 'choices' has {len(choices['text'])} options (expected 2 to {len(REMAP_WORDS)})")
     if key not in choices["label"]:
         raise ValueError(f"answerKey {key!r} is not one of the choice labels {choices['label']}")
-    texts = [str(t) for t in choices["text"]]
+    texts = [_text({"option": t}, "option") for t in choices["text"]]
     return {"question": question, "choices": choices_block(texts), "label": choices["label"].index(key)}
 
 
@@ -76,7 +76,7 @@ def bbc_to_agnews(row: dict[str, Any]) -> dict[str, Any]:
     text, label = _text(row, "text"), row["label"]
     if isinstance(label, str) and label.strip().isdigit():
         label = int(label)
-    if isinstance(label, bool) or label not in BBC_TO_AGNEWS:
+    if not isinstance(label, int) or isinstance(label, bool) or label not in BBC_TO_AGNEWS:
         raise ValueError(f"unknown label {label!r} (expected {BBC_CLASSES})")
     if len(text) > BBC_MAX_CHARS:
         text = " ".join(text[:BBC_MAX_CHARS].split(" ")[:-1])
@@ -84,7 +84,7 @@ def bbc_to_agnews(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def sciq_generative(row: dict[str, Any]) -> dict[str, Any]:
-    support = row["support"] if isinstance(row["support"], str) else ""
+    support = row.get("support") if isinstance(row.get("support"), str) else ""  # some rows have none
     return {"question": _text(row, "question"), "answer": f"{support}\n#### {_text(row, 'correct_answer')}"}
 
 
@@ -92,5 +92,5 @@ TRANSFORMS: dict[str, Transform] = {
     "sciq_remap": Transform(("question", "correct_answer", "distractor1", "distractor2", "distractor3"), sciq_remap),
     "qasc_remap": Transform(("question", "choices", "answerKey"), qasc_remap),
     "bbc_to_agnews": Transform(("text", "label"), bbc_to_agnews),
-    "sciq_generative": Transform(("question", "correct_answer", "support"), sciq_generative),
+    "sciq_generative": Transform(("question", "correct_answer"), sciq_generative),
 }

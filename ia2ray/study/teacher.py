@@ -40,7 +40,8 @@ def teacher_variants(base: RunConfig, study: StudyFile) -> list[RunConfig]:
         sites.update(param.values)
     seeds = dict.fromkeys([base.data.seed, *(study.study.confirm.seeds if study.study.confirm.top_k or
                                              study.study.confirm.baselines else [])])
-    return [apply_params(base, {}, **{"data.seed": seed, "align.site": site}) for seed in seeds for site in sorted(sites)]
+    return [apply_params(base, {}, **{"data.seed": seed, "align.site": site, "task.ood": {}})  # OOD rows: not needed
+            for seed in seeds for site in sorted(sites)]
 
 
 def _capture_one(cfg_json: dict) -> dict:

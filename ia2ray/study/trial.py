@@ -138,7 +138,7 @@ def search_trial(config: dict, ctx: TrialContext) -> None:
     trial_id = tune.get_context().get_trial_id()
     params = decode_point(study, config)
     cfg = apply_params(RunConfig.model_validate(ctx.base), params, name=f"trial-{trial_id}",
-                       **{"eval.icl_baseline": False})
+                       **{"eval.icl_baseline": False, "task.ood": {}})  # selection never sees OOD targets
     run = trial_run(ctx.tracking, trial_id, cfg, "search", {"trial_id": trial_id})
     with run_folder(ctx, cfg) as out, running(run, out):
         summary = run_and_save(cfg, out, ("val",), {"trial_id": trial_id, "params": params, "phase": "search"},
