@@ -39,11 +39,15 @@ class Transform:
     build: Callable[[dict[str, Any]], dict[str, Any]]
 
 
-def _text(row: dict[str, Any], col: str) -> str:
-    value = row[col]
+def _text(value: Any, what: str) -> str:
+    """`value` when it is non-empty text; else a ValueError naming `what` (a column, an option)."""
     if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"column '{col}' must be non-empty text, got {value!r}")
+        raise ValueError(f"{what} must be non-empty text, got {value!r}")
     return value
+
+
+def _column(row: dict[str, Any], col: str) -> str:
+    return _text(row[col], f"column '{col}'")
 
 
 def choices_block(options: list[str]) -> str:
@@ -52,15 +56,15 @@ def choices_block(options: list[str]) -> str:
 
 
 def sciq_remap(row: dict[str, Any]) -> dict[str, Any]:
-    question, correct = _text(row, "question"), _text(row, "correct_answer")
-    options = [_text(row, f"distractor{i}") for i in (1, 2, 3)]
+    question, correct = _column(row, "question"), _column(row, "correct_answer")
+    options = [_column(row, f"distractor{i}") for i in (1, 2, 3)]
     position = random.Random(zlib.crc32(f"{question}\x00{correct}".encode())).randrange(len(options) + 1)
     options.insert(position, correct)
     return {"question": question, "choices": choices_block(options), "label": position}
 
 
 def qasc_remap(row: dict[str, Any]) -> dict[str, Any]:
-    question, key, choices = _text(row, "question"), _text(row, "answerKey"), row["choices"]
+    question, key, choices = _column(row, "question"), _column(row, "answerKey"), row["choices"]
     if not isinstance(choices, dict) or not isinstance(choices.get("text"), list) \
             or not isinstance(choices.get("label"), list) or len(choices["text"]) != len(choices["label"]):
         raise ValueError("column 'choices' must be an object {text: [...], label: [...]} of equal-length lists")
@@ -68,12 +72,12 @@ def qasc_remap(row: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"column 'choices' has {len(choices['text'])} options (expected 2 to {len(REMAP_WORDS)})")
     if key not in choices["label"]:
         raise ValueError(f"answerKey {key!r} is not one of the choice labels {choices['label']}")
-    texts = [_text({"option": t}, "option") for t in choices["text"]]
+    texts = [_text(t, f"option {i + 1} of column 'choices'") for i, t in enumerate(choices["text"])]
     return {"question": question, "choices": choices_block(texts), "label": choices["label"].index(key)}
 
 
 def bbc_to_agnews(row: dict[str, Any]) -> dict[str, Any]:
-    text, label = _text(row, "text"), row["label"]
+    text, label = _column(row, "text"), row["label"]
     if isinstance(label, str) and label.strip().isdigit():
         label = int(label)
     if not isinstance(label, int) or isinstance(label, bool) or label not in BBC_TO_AGNEWS:
@@ -85,7 +89,7 @@ def bbc_to_agnews(row: dict[str, Any]) -> dict[str, Any]:
 
 def sciq_generative(row: dict[str, Any]) -> dict[str, Any]:
     support = row.get("support") if isinstance(row.get("support"), str) else ""  # some rows have none
-    return {"question": _text(row, "question"), "answer": f"{support}\n#### {_text(row, 'correct_answer')}"}
+    return {"question": _column(row, "question"), "answer": f"{support}\n#### {_column(row, 'correct_answer')}"}
 
 
 TRANSFORMS: dict[str, Transform] = {

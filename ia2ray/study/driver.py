@@ -173,8 +173,8 @@ def prepare_study(config: Optional[str], overrides: list[str], storage: Optional
     tree["model"]["path"] = _absolute(tree["model"]["path"])  # trials run in other working directories
     tree["task"]["path"], tree["task"]["eval_path"] = _absolute(tree["task"]["path"]), _absolute(tree["task"]["eval_path"])
     tree["task"]["ood"] = {name: _absolute(path) for name, path in tree["task"]["ood"].items()}
-    tree["capture"]["cache_dir"] = join(remote, "activations") if remote else str(study_dir / "activations")
-    tree["train"]["storage"] = join(remote, "train") if remote else str(study_dir / "train")
+    tree["capture"]["cache_dir"] = join(location, "activations")  # in the bucket for a bucket study
+    tree["train"]["storage"] = join(location, "train")
     base = RunConfig.model_validate(tree)
     has_ece = check_model(study, base, source)
     return PreparedStudy(study, base, study_dir, has_ece, source, tracking_uri, remote)
