@@ -72,3 +72,25 @@ def test_bench_tracking_quick_writes_its_report(tmp_path):
     assert set(report["studies"]) == {"off", "sqlite", "server"}
     assert all(s["trials"] == 2 for s in report["studies"].values())
     assert all(r["metrics"] == 500 and r["metrics_per_s"] > 0 for r in report["runlog"].values())
+
+
+def test_label_tokens_bench_checks_a_vocabulary_against_its_own_encoder(tmp_path):
+    """bench/label_tokens.py on a small ranks file in tiktoken's format: the 256 bytes, the digits' colon
+    and the pieces of "apple" (as in Qwen's vocabulary, which is not stored here). The digit tasks pass,
+    the MCQ tasks fail on the words the vocabulary lacks, and the run says so with exit status 1."""
+    import base64
+
+    tokens = [bytes([b]) for b in range(256)] + [b"ap", b"app", b"appl", b"apple", b"Answer", b"Label"]
+    ranks = tmp_path / "tiny.tiktoken"
+    ranks.write_text("".join(f"{base64.b64encode(t).decode()} {rank}\n" for rank, t in enumerate(tokens)))
+    out = tmp_path / "label-tokens.json"
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "label_tokens.py"), "--qwen", str(ranks),
+                          "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1, res.stderr
+    report = json.loads(out.read_text())
+    assert report["command"] == "python bench/label_tokens.py --qwen QWEN_TIKTOKEN"
+    qwen = report["results"]["qwen"]
+    assert qwen["sst2"] == {"ok": True, "words": {"0": "0", "1": "1"}}
+    assert qwen["agnews"]["ok"] and qwen["bbcnews"]["ok"]
+    assert not qwen["sciq-remap"]["ok"] and "label word 'Friday' is 6 tokens" in qwen["sciq-remap"]["error"]
+    assert "qwen    sciq-remap  BAD" in res.stdout

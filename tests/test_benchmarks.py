@@ -195,12 +195,8 @@ WORDS = ["good", "bad", "fine", "dull", "great", "poor", "warm", "cold"]
 
 def write_ood_files(tmp_path) -> dict[str, str]:
     """Local files with the hub columns of SST2 (train and eval), FinS and PoemS (eval rows only)."""
-    sst2 = [{"idx": i, "sentence": f"{WORDS[i % 8]} {WORDS[(i * 3) % 8]} film", "label": i % 2} for i in range(60)]
-    fins = [{"sentence": f"Sales {WORDS[i % 8]}.", "label": [0, 1, 2][i % 3]} for i in range(30)]  # 20 kept
-    poems = [{"id": i, "verse_text": f"a {WORDS[i % 8]} night", "label": i % 4} for i in range(40)]  # 20 kept
-    return {"train": write_jsonl(tmp_path / "sst2-train.jsonl", sst2[:40]),
-            "eval": write_jsonl(tmp_path / "sst2-eval.jsonl", sst2[40:]),
-            "fins": write_jsonl(tmp_path / "fins.jsonl", fins), "poems": write_jsonl(tmp_path / "poems.jsonl", poems)}
+    files = pair_files("sst2", tmp_path)
+    return {"train": files["train"], "eval": files["eval"], **files["ood"]}
 
 
 OOD_STUDY = """\
@@ -294,31 +290,129 @@ def test_paper_scale_studies_cover_the_training_tasks_with_their_ood_targets():
 
 
 def _pair_rows(task: str, n: int) -> list[dict]:
-    """n rows in the hub columns of `task` (only the tasks of the pairs below)."""
+    """n rows in the hub columns of `task` (the tasks of the paper's OOD pairs)."""
     w = lambda i: WORDS[i % 8]  # noqa: E731
-    return {"agnews": lambda: [{"text": f"{w(i)} news {w(i * 3)}", "label": i % 4} for i in range(n)],
+    return {"sst2": lambda: [{"idx": i, "sentence": f"{w(i)} {w(i * 3)} film", "label": i % 2} for i in range(n)],
+            "fins": lambda: [{"sentence": f"Sales {w(i)}.", "label": i % 3} for i in range(n)],  # neutral dropped
+            "poems": lambda: [{"id": i, "verse_text": f"a {w(i)} night", "label": i % 4} for i in range(n)],
+            "agnews": lambda: [{"text": f"{w(i)} news {w(i * 3)}", "label": i % 4} for i in range(n)],
             "bbcnews": lambda: [{"text": f"{w(i)} story", "label": i % 5} for i in range(n)],
+            "sciq-remap": lambda: [{**SCIQ, "question": f"Which {w(i)} part {i}?", "correct_answer": w(i + 1)}
+                                   for i in range(n)],
+            "qasc-remap": lambda: [{**QASC, "question": f"What is {w(i)} {i}?", "answerKey": "ABCDEFGH"[i % 8]}
+                                   for i in range(n)],
             "gsm8k": lambda: [{"question": f"{i} plus 1?", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"}
                               for i in range(n)],
             "gsm-symbolic": lambda: [{"question": f"{i} plus 2?", "answer": f"#### {i + 2}", "id": i, "instance": 0}
                                      for i in range(n)]}[task]()
 
 
-@pytest.mark.parametrize("source, target", [("sst2", "fins"), ("agnews", "bbcnews"), ("gsm8k", "gsm-symbolic")])
-def test_a_single_run_scores_its_ood_targets(source, target, tmp_path, capsys):
-    """`python -m ia2ray.run` on the testbed model from local files, for the paper's pairs whose label words
-    the testbed tokenizer keeps as one token (SciQ-remap's day and fruit words are several tokens there)."""
+def pair_files(source: str, tmp_path) -> dict:
+    """Train and eval files of `source` and one eval file per OOD target of the paper, in hub columns."""
+    rows = _pair_rows(source, 90)
+    return {"train": write_jsonl(tmp_path / f"{source}-train.jsonl", rows[:60]),
+            "eval": write_jsonl(tmp_path / f"{source}-eval.jsonl", rows[60:]),
+            "ood": {t: write_jsonl(tmp_path / f"{t}.jsonl", _pair_rows(t, 40)) for t in OOD_PAIRS[source][1:]}}
+
+
+@pytest.fixture(scope="module")
+def testbed_with_remap_words(tmp_path_factory) -> str:
+    """The testbed model with the paper's eight MCQ label words added to its vocabulary as whole tokens
+    (new embedding rows drawn around the old ones, transformers' default). The testbed tokenizer never
+    saw those words and cuts them into pieces; Qwen3 and Llama-3 keep each as one token after "Answer:"
+    (README, "Tasks and the paper's benchmarks")."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ia2ray.data.transforms import REMAP_WORDS
+    from ia2ray.testbed import testbed_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(testbed_model_path())
+    assert tokenizer.add_tokens(list(REMAP_WORDS)) == 8
+    model = AutoModelForCausalLM.from_pretrained(testbed_model_path())
+    model.resize_token_embeddings(len(tokenizer))
+    out = tmp_path_factory.mktemp("testbed-remap")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
+PAIR_STUDY = """\
+name: pair
+pipeline: ia2->sft
+model: {{path: "{model}"}}
+task: {{name: {source}, path: {train}, eval_path: {eval}, ood: {ood}}}
+data: {{n: 4, val_size: 8, test_size: 8, train_pool: 40, eval_pool: 20}}
+train: {{max_epochs: 1, num_workers: 0}}
+eval: {{icl_draws: 1, max_new_tokens: 8}}
+study: {{num_trials: 1, confirm: {{top_k: 1, seeds: [0], baselines: [icl]}}}}
+search:
+  params:
+    lr.align: {{kind: loguniform, low: 1.0e-4, high: 1.0e-2, default: 1.0e-3}}
+"""
+
+
+def test_label_words_the_tokenizer_cuts_are_refused_before_anything_runs(tmp_path, capsys):
+    """SciQ-remap -> QASC-remap on the plain testbed model: "apple" is two tokens after "Answer:", so the
+    dry run stops with the task, the OOD target and the word named, and nothing is written."""
+    from ia2ray.tune import main
+
+    files = pair_files("sciq-remap", tmp_path)
+    path = tmp_path / "pair.yaml"
+    path.write_text(PAIR_STUDY.format(model="builtin:testbed", source="sciq-remap", train=files["train"],
+                                      eval=files["eval"], ood=f"{{qasc-remap: {files['ood']['qasc-remap']}}}"))
+    assert main(["--config", str(path), "--storage", str(tmp_path / "studies"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "task.name: task sciq-remap: label word 'apple' is 2 tokens after the prompt" in err
+    assert "task.ood.qasc-remap: task qasc-remap: label word 'apple' is 2 tokens" in err
+    assert not (tmp_path / "studies").exists()
+
+
+@pytest.mark.parametrize("source", ["fins", "agnews", "sciq-remap", "gsm8k"])
+def test_the_other_ood_pairs_run_in_a_smoke_study(source, ray_cluster, testbed_with_remap_words, tmp_path, capsys):
+    """Every other train task of the paper's OOD pairs (SST2 is the test above), from local files on the
+    testbed model: FinS -> PoemS and SST2, AGNews -> BBCNews, SciQ-remap -> QASC-remap (eight label
+    words, four of them unseen in training), GSM8K -> GSM-Symbolic (generated answers, parsed)."""
+    from ia2ray.tune import main
+
+    files = pair_files(source, tmp_path)
+    targets = OOD_PAIRS[source][1:]
+    model = testbed_with_remap_words if source == "sciq-remap" else "builtin:testbed"
+    ood = "{" + ", ".join(f"{t}: {path}" for t, path in files["ood"].items()) + "}"
+    path = tmp_path / "pair.yaml"
+    path.write_text(PAIR_STUDY.format(model=model, source=source, train=files["train"], eval=files["eval"], ood=ood))
+    storage = tmp_path / "studies"
+    assert main(["--config", str(path), "--storage", str(storage), "--tracking-uri", "none"]) == 0, \
+        capsys.readouterr().err[-3000:]
+    summaries = {p.parent.name: json.loads(p.read_text()) for p in (storage / "pair").glob("runs/*/summary.json")}
+    confirm = {n: s for n, s in summaries.items() if n.startswith("confirm")}
+    assert sorted(confirm) == ["confirm-ICL-s0", "confirm-best-1-s0"] and len(summaries) == 3
+    label_task = get_task(source).answer_type == "label"
+    for name, summary in summaries.items():
+        found = sorted(k for k in summary if k.startswith("ood/"))
+        if name not in confirm:
+            assert found == []  # the search never sees a target
+            continue
+        assert found == [f"ood/{t}" for t in sorted(targets)]
+        for target in targets:
+            scores = summary[f"ood/{target}"]
+            assert scores["n"] == 8 and 0.0 <= scores["acc"] <= 1.0
+            assert (scores.get("ece") is not None) == label_task  # generated answers: accuracy only
+    assert confirm["confirm-ICL-s0"][f"ood/{targets[0]}"]["draws"] == 1
+    report = (storage / "pair" / "report.md").read_text()
+    assert "## Out of domain" in report and all(f"{t} acc" in report for t in targets)
+
+
+@pytest.mark.parametrize("source", sorted(OOD_PAIRS))
+def test_a_single_run_scores_its_ood_targets(source, testbed_with_remap_words, tmp_path, capsys):
+    """`python -m ia2ray.run` on the testbed model from local files, for every train task of the pairs."""
     from ia2ray.run import main
 
-    if source == "sst2":
-        files = write_ood_files(tmp_path)
-        train, evals, ood = files["train"], files["eval"], files["fins"]
-    else:
-        rows = _pair_rows(source, 60)
-        train, evals = write_jsonl(tmp_path / "t.jsonl", rows[:40]), write_jsonl(tmp_path / "e.jsonl", rows[40:])
-        ood = write_jsonl(tmp_path / "o.jsonl", _pair_rows(target, 20))
+    files = pair_files(source, tmp_path)
+    train, evals = files["train"], files["eval"]
+    target, ood = next(iter(files["ood"].items()))
+    model = testbed_with_remap_words if source == "sciq-remap" else "builtin:testbed"
     out = tmp_path / "summary.json"
-    sets = ["model.path=builtin:testbed", f"task.name={source}", f"task.path={train}", f"task.eval_path={evals}",
+    sets = [f"model.path={model}", f"task.name={source}", f"task.path={train}", f"task.eval_path={evals}",
             f"task.ood={{{target}: {ood}}}", "data.n=4", "data.val_size=8", "data.test_size=8", "data.train_pool=40",
             "data.eval_pool=20", "train.max_epochs=1", "train.num_workers=0", "eval.icl_draws=1",
             "eval.max_new_tokens=8", f"output.dir={tmp_path / 'out'}"]

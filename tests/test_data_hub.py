@@ -68,3 +68,45 @@ def test_transformed_and_held_out_tasks_load_through_load_dataset(tmp_path, monk
 
     assert eval_pool(spec, 500) == evals  # an OOD target from the hub: the same held-out rows
     assert {e.answer for e in train + evals} == {"0", "1"}
+
+
+def test_a_script_dataset_is_read_from_the_hubs_parquet_export(tmp_path, monkeypatch):
+    """datasets >= 4 refuses repositories that still hold a loading script (financial_phrasebank was one);
+    the loader then asks for the same config and split at revision refs/convert/parquet, the hub's
+    parquet copy. The real refusal comes from a local folder with a script; the export revision, which
+    only the hub serves, is answered from a local parquet folder laid out as the hub lays it out."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ia2ray.data.loaders import PARQUET_EXPORT
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    repo = tmp_path / "financial_phrasebank"
+    repo.mkdir()
+    (repo / "financial_phrasebank.py").write_text("import datasets\n")
+    export = tmp_path / "export"
+    (export / "sentences_50agree" / "train").mkdir(parents=True)
+    rows = [{"sentence": f"s{i}", "label": i % 3} for i in range(9)]
+    pq.write_table(pa.Table.from_pylist(rows), export / "sentences_50agree" / "train" / "0000.parquet")
+    real = datasets.load_dataset
+    calls = []
+
+    def load_dataset(path, name=None, split=None, revision=None):
+        calls.append((path, name, split, revision))
+        if revision == PARQUET_EXPORT:
+            return real("parquet", data_files=str(export / name / split / "*.parquet"), split=split)
+        return real(path, name, split=split)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    spec = get_task("fins").model_copy(update={"hub_id": str(repo), "eval_holdout": 2})
+    train = load_examples(spec, split="train")
+    assert calls == [(str(repo), "sentences_50agree", "train", None),
+                     (str(repo), "sentences_50agree", "train", PARQUET_EXPORT)]
+    assert [(e.fields["sentence"], e.answer) for e in train] == [("s0", "0"), ("s2", "1"), ("s3", "0"), ("s5", "1"),
+                                                                ("s6", "0"), ("s8", "1")]  # neutral (1) dropped
+    export.joinpath("sentences_50agree", "train", "0000.parquet").unlink()  # the export is missing too
+    with pytest.raises(DataError, match=r"cannot load hub dataset .*financial_phrasebank.* its loading script "
+                                        r"refused, then revision 'refs/convert/parquet'"):
+        load_examples(spec, split="train")

@@ -36,6 +36,22 @@ def test_label_token_ids_and_multi_token_label_error(tok):
         label_token_ids(tok, bad, "Text:good\nLabel:")
 
 
+
+def test_a_label_word_that_merges_with_the_prompt_is_refused():
+    """A byte-level tokenizer that learned ":banana" as one piece: demonstrations would show that piece,
+    while the query ("...Answer:") is scored on the word's own token, so label_token_ids refuses it."""
+    spec = get_task("sciq-remap")
+    words = list(spec.label_words.values())
+    merging = train_bpe_tokenizer([" ".join(f"Answer:{w} {w}" for w in words)] * 50, vocab_size=400)
+    assert merging.convert_ids_to_tokens(merging("Answer:banana")["input_ids"]) == ["Answer", ":banana"]
+    query = "Question:Which?\nChoices:\n[apple]x\n\nAnswer:"
+    with pytest.raises(ValueError, match=r"label word 'apple' merges with the end of the prompt .*':apple'\]"):
+        label_token_ids(merging, spec, query)
+    # the same words kept apart from the colon (as the Qwen3 and Llama-3 vocabularies do) are accepted
+    apart = train_bpe_tokenizer(["\n".join(f"Answer:\n{w}" for w in words)] * 50, vocab_size=400)
+    assert apart.convert_ids_to_tokens(apart("Answer:banana")["input_ids"])[-2:] == [":", "banana"]
+    assert [apart.decode([i]) for i in label_token_ids(apart, spec, query).values()] == words
+
 def test_top10_and_label_set_scores_are_exact(tok):
     ids = label_token_ids(tok, get_task("toy/polarity"), "Text:good\nLabel:")
     v = len(tok)

@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import torch
 
 from ia2ray.config.schema import EvalConfig
-from ia2ray.core.generate import continuation_ids, encode_prompts, greedy_generate, left_pad
+from ia2ray.core.generate import encode_prompts, greedy_generate, ids_in_context, left_pad
 from ia2ray.core.metrics import classification_metrics
 from ia2ray.data.examples import Example, build_icl_prompt, format_query
 from ia2ray.data.parsers import PARSERS
@@ -22,10 +22,21 @@ from ia2ray.data.tasks import TaskSpec
 
 def label_token_ids(tokenizer, spec: TaskSpec, query: str) -> dict[str, int]:
     """Label word -> the single token it is right after `query` (any query of the task: they all
-    end with the template's tail); error when a label word is not exactly one token there."""
+    end with the template's tail). Error when a label word is not exactly one token there, or when it
+    merges with the end of the prompt in a demonstration (``:banana`` as one piece): the query would
+    then be scored on a token the demonstrations never show."""
     out = {}
     for word in dict.fromkeys(spec.label_words.values()):
-        ids = continuation_ids(tokenizer, query, spec.answer_template.format(answer=word))
+        answer = spec.answer_template.format(answer=word)
+        ids = ids_in_context(tokenizer, query, answer)
+        if ids is None:
+            tail = query[-12:] + answer
+            pieces = tokenizer.convert_ids_to_tokens(tokenizer(tail, add_special_tokens=False)["input_ids"])
+            raise ValueError(
+                f"task {spec.name}: label word {word!r} merges with the end of the prompt for this tokenizer "
+                f"({tail!r} -> {pieces}), so demonstrations show other tokens than the one the query is "
+                "scored on; use label words or a template that keep the word apart"
+            )
         if len(ids) != 1:
             raise ValueError(
                 f"task {spec.name}: label word {word!r} is {len(ids)} tokens after the prompt for this "

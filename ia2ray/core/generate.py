@@ -61,18 +61,27 @@ def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
     return encoded
 
 
+def ids_in_context(tokenizer, prefix: str, continuation: str) -> list[int] | None:
+    """Token ids of `continuation` inside the encoding of ``prefix + continuation``, or None when the two
+    merge across the boundary (the prefix's own encoding is not a prefix of the joint one), e.g. a
+    byte-level tokenizer that keeps a punctuation mark with the letters after it."""
+    head = list(tokenizer(prefix)["input_ids"])
+    joint = list(tokenizer(prefix + continuation)["input_ids"])
+    return joint[len(head) :] if joint[: len(head)] == head else None
+
+
 def continuation_ids(tokenizer, prefix: str, continuation: str) -> list[int]:
     """Token ids of `continuation` as it tokenizes right after `prefix` (e.g. an answer after its
     query), so training targets and label tokens match what the model sees in demonstrations.
 
     With SentencePiece-style tokenizers a text tokenizes differently on its own (leading "▁", BOS)
     than in context; the ids are taken from the joint encoding when the prefix's own encoding is a
-    prefix of it, else (a merge across the boundary) from the continuation encoded on its own.
+    prefix of it, else (a merge across the boundary) from the continuation encoded on its own, which
+    is what follows the prefix when the model generates after it.
     """
-    head = list(tokenizer(prefix)["input_ids"])
-    joint = list(tokenizer(prefix + continuation)["input_ids"])
-    if joint[: len(head)] == head:
-        return joint[len(head) :]
+    ids = ids_in_context(tokenizer, prefix, continuation)
+    if ids is not None:
+        return ids
     return list(tokenizer(continuation, add_special_tokens=False)["input_ids"])
 
 

@@ -133,16 +133,25 @@ _READERS: dict[str, Callable[[Path], tuple[list[Record], str | None]]] = {
 }
 
 
+PARQUET_EXPORT = "refs/convert/parquet"  # the hub's own parquet copy of a dataset, kept for script datasets too
+SCRIPT_REFUSED = "Dataset scripts are no longer supported"  # datasets >= 4 on a repository with a loading script
+
+
 def _load_hub(spec: TaskSpec, split: str) -> list[Example]:
     import datasets
 
     hub_split = {"train": spec.train_split, "eval": spec.eval_split}.get(split, split)
+    where = f"hub dataset {spec.hub_id!r} (config {spec.hub_config!r}, split {hub_split!r})"
     try:
-        ds = datasets.load_dataset(spec.hub_id, spec.hub_config, split=hub_split)
+        try:
+            ds = datasets.load_dataset(spec.hub_id, spec.hub_config, split=hub_split)
+        except RuntimeError as exc:  # a repository still on a loading script: read the hub's parquet export
+            if SCRIPT_REFUSED not in str(exc):
+                raise
+            where += f", its loading script refused, then revision {PARQUET_EXPORT!r}"
+            ds = datasets.load_dataset(spec.hub_id, spec.hub_config, split=hub_split, revision=PARQUET_EXPORT)
     except Exception as exc:  # network, auth, unknown split ...: all mean "no data"
-        raise DataError(
-            f"cannot load hub dataset {spec.hub_id!r} (config {spec.hub_config!r}, split {hub_split!r}): {exc}"
-        ) from exc
+        raise DataError(f"cannot load {where}: {exc}") from exc
     source = f"{spec.hub_id}[{hub_split}]"
     records = [(f"{source}:row {i}", dict(row)) for i, row in enumerate(ds)]
     return _to_examples(spec, records, source, None)
