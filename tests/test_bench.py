@@ -25,6 +25,7 @@ def test_bench_core_quick_writes_its_report(tmp_path):
     assert {"align_step_ms", "sft_step_ms", "align_layer0_step_ms", "align_over_sft"} <= set(report["steps"][0])
 
 
+@pytest.mark.slow
 def test_align_throughput_bench_runs_on_cpu(tmp_path):
     """The GPU throughput/MFU benchmark, on a tiny shape on the CPU (a smoke run; no figures asserted)."""
     out = tmp_path / "align.json"
