@@ -77,13 +77,17 @@ def tokenizer_from_ranks(path: Path, pattern: str):
     return PreTrainedTokenizerFast(tokenizer_object=TikTokenConverter(str(path), pattern=pattern).converted())
 
 
+def query(spec) -> str:
+    """A query of the task (every query ends with the template's tail, which is what matters here)."""
+    return spec.template.format(**{field: "x" for field in spec.input_fields})
+
+
 def samples() -> list[str]:
-    """Each label task's prompt followed by each of its label words: the strings the check is about."""
+    """Each task's prompt followed by each of its label words (or an answer): the strings the check is about."""
     out = []
     for name in PAPER_TASKS:
         spec = get_task(name)
-        query = spec.template.format(**{field: "x" for field in spec.input_fields})
-        out += [query + spec.answer_template.format(answer=w) for w in (spec.label_words or {"": "42"}).values()]
+        out += [query(spec) + spec.answer_template.format(answer=w) for w in (spec.label_words or {"": "42"}).values()]
     return out + ["Question:What do plants need?\nChoices:\n[apple]sun light\n\nAnswer:Friday 1234 can't",
                   "Profits rose 3.5% (€12m) — didn't they?\n\n#### \\boxed{\\dfrac{1}{2}}  Ça va"]
 
@@ -108,9 +112,8 @@ def check(tokenizer) -> dict[str, dict]:
         spec = get_task(name)
         if spec.answer_type != "label":
             continue
-        query = spec.template.format(**{field: "x" for field in spec.input_fields})
         try:
-            ids = label_token_ids(tokenizer, spec, query)
+            ids = label_token_ids(tokenizer, spec, query(spec))
             out[name] = {"ok": True, "words": {w: tokenizer.convert_ids_to_tokens(i) for w, i in ids.items()}}
         except ValueError as exc:
             out[name] = {"ok": False, "error": str(exc)}
