@@ -5,6 +5,7 @@ pools, the out-of-domain pairs, and loader errors that name the file, the line a
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -193,102 +194,6 @@ def test_ood_icl_prompt_has_source_demos_and_the_target_query(tmp_path):
 WORDS = ["good", "bad", "fine", "dull", "great", "poor", "warm", "cold"]
 
 
-def write_ood_files(tmp_path) -> dict[str, str]:
-    """Local files with the hub columns of SST2 (train and eval), FinS and PoemS (eval rows only)."""
-    files = pair_files("sst2", tmp_path)
-    return {"train": files["train"], "eval": files["eval"], **files["ood"]}
-
-
-OOD_STUDY = """\
-name: ood
-pipeline: ia2->sft
-model: {{path: "builtin:testbed"}}
-task:
-  name: sst2
-  path: {train}
-  eval_path: {eval}
-  ood: {{fins: {fins}, poems: {poems}}}
-data: {{n: 4, val_size: 8, test_size: 8, train_pool: 40, eval_pool: 20}}
-train: {{max_epochs: 1, num_workers: 0}}
-eval: {{icl_draws: 1}}
-study: {{num_trials: 1, confirm: {{top_k: 1, seeds: [0], baselines: [icl]}}}}
-search:
-  params:
-    lr.align: {{kind: loguniform, low: 1.0e-4, high: 1.0e-2, default: 1.0e-3}}
-"""
-
-
-@pytest.mark.parametrize("ood, expected", [
-    ({"nope": None}, "task.ood.nope: unknown task 'nope'"),
-    ({"gsm8k": None}, "task.ood.gsm8k: a text task cannot be an out-of-domain target of 'sst2', a label task"),
-    ({"poems": "SMALL"}, "task.ood.poems: no usable rows in"),
-])
-def test_bad_ood_targets_are_refused_before_anything_runs(ood, expected, tmp_path, capsys):
-    from ia2ray.tune import main
-
-    files = write_ood_files(tmp_path)
-    small = write_jsonl(tmp_path / "small.jsonl", [{"verse_text": "x", "label": 2}, {"verse_text": "y", "label": 3}])
-    path = tmp_path / "ood.yaml"
-    path.write_text(OOD_STUDY.format(**files))
-    flow = "{" + ", ".join(f"{k}: {small if v == 'SMALL' else 'null'}" for k, v in ood.items()) + "}"
-    assert main(["--config", str(path), "--storage", str(tmp_path / "studies"), "--set", f"task.ood={flow}",
-                 "--dry-run"]) == 2
-    assert expected in capsys.readouterr().err
-
-
-def test_ood_pairs_run_in_a_smoke_study_on_the_testbed_model(ray_cluster, mlflow_server, tmp_path, capsys):
-    """SST2 -> FinS and PoemS from local files: the confirmation runs score every target (ICL with SST2
-    demos before target queries), the search never does, and the report and MLflow carry them."""
-    import csv
-
-    import mlflow
-
-    from ia2ray.tune import main
-
-    files = write_ood_files(tmp_path)
-    path = tmp_path / "ood.yaml"
-    path.write_text(OOD_STUDY.format(**files))
-    storage = tmp_path / "studies"
-    assert main(["--config", str(path), "--storage", str(storage), "--tracking-uri", mlflow_server]) == 0, \
-        capsys.readouterr().err[-3000:]
-    study = storage / "ood"
-    summaries = {p.parent.name: json.loads(p.read_text()) for p in study.glob("runs/*/summary.json")}
-    assert sorted(summaries) == ["confirm-ICL-s0", "confirm-best-1-s0", next(n for n in summaries if "trial" in n)]
-    for name, summary in summaries.items():
-        if name.startswith("confirm"):
-            assert summary["ood/fins"]["n"] == summary["ood/poems"]["n"] == 8 and "ece" in summary["ood/fins"]
-        else:  # selection never sees a target
-            assert not [k for k in summary if k.startswith("ood/")]
-    assert summaries["confirm-ICL-s0"]["ood/fins"]["draws"] == 1  # the ICL baseline, with SST2 demos
-    report = (study / "report.md").read_text()
-    assert "## Out of domain" in report and "| method | seeds | fins acc |" in report and "poems ECE" in report
-    header = next(csv.reader((study / "report.csv").open()))
-    assert {"ood/fins_acc_mean", "ood/poems_ece_std"} <= set(header)
-    client = mlflow.MlflowClient(mlflow_server)
-    (experiment,) = [e for e in client.search_experiments() if e.name == "ood"]
-    runs = client.search_runs([experiment.experiment_id])
-    confirm = [r for r in runs if r.data.tags.get("ia2ray.phase") == "confirm"]
-    search = [r for r in runs if r.data.tags.get("ia2ray.phase") == "search"]
-    assert len(confirm) == 2 and len(search) == 1
-    assert all({"ood/fins/acc", "ood/poems/acc", "test/acc"} <= set(r.data.metrics) for r in confirm)
-    assert not [k for k in search[0].data.metrics if k.startswith("ood/")]
-
-
-def test_paper_scale_studies_cover_the_training_tasks_with_their_ood_targets():
-    from pathlib import Path
-
-    from ia2ray.config import load_study_file
-
-    root = Path(__file__).resolve().parents[1] / "search_spaces"
-    trained = [t for t in PAPER_TASKS if t not in ("poems", "bbcnews", "qasc-remap", "gsm-symbolic")]
-    for prefix, n in (("qwen3-4b", 4), ("llama-3.2-1b", 8)):
-        for task in trained:
-            base, _ = load_study_file(root / f"{prefix}-{task}.yaml")  # a study file is a run config too
-            assert (base.name, base.task.name, base.data.n) == (f"{prefix}-{task}", task, n)
-            assert list(base.task.ood) == OOD_PAIRS.get(task, [task])[1:]  # targets from the hub (null paths)
-            assert all(path is None for path in base.task.ood.values())
-
-
 def _pair_rows(task: str, n: int) -> list[dict]:
     """n rows in the hub columns of `task` (the tasks of the paper's OOD pairs)."""
     w = lambda i: WORDS[i % 8]  # noqa: E731
@@ -351,15 +256,86 @@ search:
 """
 
 
+def write_pair_study(tmp_path, source: str, model: str = "builtin:testbed") -> Path:
+    """pair.yaml: a one-trial smoke study of `source` with every OOD target of the paper, from local files."""
+    files = pair_files(source, tmp_path)
+    ood = "{" + ", ".join(f"{t}: {path}" for t, path in files["ood"].items()) + "}"
+    path = tmp_path / "pair.yaml"
+    path.write_text(PAIR_STUDY.format(model=model, source=source, train=files["train"], eval=files["eval"], ood=ood))
+    return path
+
+
+@pytest.mark.parametrize("ood, expected", [
+    ({"nope": None}, "task.ood.nope: unknown task 'nope'"),
+    ({"gsm8k": None}, "task.ood.gsm8k: a text task cannot be an out-of-domain target of 'sst2', a label task"),
+    ({"poems": "SMALL"}, "task.ood.poems: no usable rows in"),
+])
+def test_bad_ood_targets_are_refused_before_anything_runs(ood, expected, tmp_path, capsys):
+    from ia2ray.tune import main
+
+    path = write_pair_study(tmp_path, "sst2")
+    small = write_jsonl(tmp_path / "small.jsonl", [{"verse_text": "x", "label": 2}, {"verse_text": "y", "label": 3}])
+    flow = "{" + ", ".join(f"{k}: {small if v == 'SMALL' else 'null'}" for k, v in ood.items()) + "}"
+    assert main(["--config", str(path), "--storage", str(tmp_path / "studies"), "--set", f"task.ood={flow}",
+                 "--dry-run"]) == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_ood_pairs_run_in_a_smoke_study_on_the_testbed_model(ray_cluster, mlflow_server, tmp_path, capsys):
+    """SST2 -> FinS and PoemS from local files: the confirmation runs score every target (ICL with SST2
+    demos before target queries), the search never does, and the report and MLflow carry them."""
+    import csv
+
+    import mlflow
+
+    from ia2ray.tune import main
+
+    path = write_pair_study(tmp_path, "sst2")
+    storage = tmp_path / "studies"
+    assert main(["--config", str(path), "--storage", str(storage), "--tracking-uri", mlflow_server]) == 0, \
+        capsys.readouterr().err[-3000:]
+    study = storage / "pair"
+    summaries = {p.parent.name: json.loads(p.read_text()) for p in study.glob("runs/*/summary.json")}
+    assert sorted(summaries) == ["confirm-ICL-s0", "confirm-best-1-s0", next(n for n in summaries if "trial" in n)]
+    for name, summary in summaries.items():
+        if name.startswith("confirm"):
+            assert summary["ood/fins"]["n"] == summary["ood/poems"]["n"] == 8 and "ece" in summary["ood/fins"]
+        else:  # selection never sees a target
+            assert not [k for k in summary if k.startswith("ood/")]
+    assert summaries["confirm-ICL-s0"]["ood/fins"]["draws"] == 1  # the ICL baseline, with SST2 demos
+    report = (study / "report.md").read_text()
+    assert "## Out of domain" in report and "| method | seeds | fins acc |" in report and "poems ECE" in report
+    header = next(csv.reader((study / "report.csv").open()))
+    assert {"ood/fins_acc_mean", "ood/poems_ece_std"} <= set(header)
+    client = mlflow.MlflowClient(mlflow_server)
+    (experiment,) = [e for e in client.search_experiments() if e.name == "pair"]
+    runs = client.search_runs([experiment.experiment_id])
+    confirm = [r for r in runs if r.data.tags.get("ia2ray.phase") == "confirm"]
+    search = [r for r in runs if r.data.tags.get("ia2ray.phase") == "search"]
+    assert len(confirm) == 2 and len(search) == 1
+    assert all({"ood/fins/acc", "ood/poems/acc", "test/acc"} <= set(r.data.metrics) for r in confirm)
+    assert not [k for k in search[0].data.metrics if k.startswith("ood/")]
+
+
+def test_paper_scale_studies_cover_the_training_tasks_with_their_ood_targets():
+    from ia2ray.config import load_study_file
+
+    root = Path(__file__).resolve().parents[1] / "search_spaces"
+    trained = [t for t in PAPER_TASKS if t not in ("poems", "bbcnews", "qasc-remap", "gsm-symbolic")]
+    for prefix, n in (("qwen3-4b", 4), ("llama-3.2-1b", 8)):
+        for task in trained:
+            base, _ = load_study_file(root / f"{prefix}-{task}.yaml")  # a study file is a run config too
+            assert (base.name, base.task.name, base.data.n) == (f"{prefix}-{task}", task, n)
+            assert list(base.task.ood) == OOD_PAIRS.get(task, [task])[1:]  # targets from the hub (null paths)
+            assert all(path is None for path in base.task.ood.values())
+
+
 def test_label_words_the_tokenizer_cuts_are_refused_before_anything_runs(tmp_path, capsys):
     """SciQ-remap -> QASC-remap on the plain testbed model: "apple" is two tokens after "Answer:", so the
     dry run stops with the task, the OOD target and the word named, and nothing is written."""
     from ia2ray.tune import main
 
-    files = pair_files("sciq-remap", tmp_path)
-    path = tmp_path / "pair.yaml"
-    path.write_text(PAIR_STUDY.format(model="builtin:testbed", source="sciq-remap", train=files["train"],
-                                      eval=files["eval"], ood=f"{{qasc-remap: {files['ood']['qasc-remap']}}}"))
+    path = write_pair_study(tmp_path, "sciq-remap")
     assert main(["--config", str(path), "--storage", str(tmp_path / "studies"), "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert "task.name: task sciq-remap: label word 'apple' is 2 tokens after the prompt" in err
@@ -374,12 +350,8 @@ def test_the_other_ood_pairs_run_in_a_smoke_study(source, ray_cluster, testbed_w
     words, four of them unseen in training), GSM8K -> GSM-Symbolic (generated answers, parsed)."""
     from ia2ray.tune import main
 
-    files = pair_files(source, tmp_path)
     targets = OOD_PAIRS[source][1:]
-    model = testbed_with_remap_words if source == "sciq-remap" else "builtin:testbed"
-    ood = "{" + ", ".join(f"{t}: {path}" for t, path in files["ood"].items()) + "}"
-    path = tmp_path / "pair.yaml"
-    path.write_text(PAIR_STUDY.format(model=model, source=source, train=files["train"], eval=files["eval"], ood=ood))
+    path = write_pair_study(tmp_path, source, testbed_with_remap_words if source == "sciq-remap" else "builtin:testbed")
     storage = tmp_path / "studies"
     assert main(["--config", str(path), "--storage", str(storage), "--tracking-uri", "none"]) == 0, \
         capsys.readouterr().err[-3000:]
