@@ -8,7 +8,7 @@ Every model forbids unknown keys. Field descriptions are written for users: they
 from __future__ import annotations
 
 import re
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -50,6 +50,42 @@ class TaskConfig(Section):
         "first `data.test_size` eval-pool rows (all, if fewer) are scored as `ood/<name>` (the ICL baseline with "
         "demos from this task and the query from the target); training and model selection never see them. The "
         "paper's pairs: `ia2ray.data.benchmarks.OOD_PAIRS`.")
+    define: Optional[dict[str, Any]] = Field(
+        None, description="A new task declared here, named `task.name`: the fields of `ia2ray.data.tasks.TaskSpec` "
+        "(`template`, `input_fields`, `label_field`, `answer_type`, `label_words`, `parser`, `hub_id`, ...; see "
+        "docs), checked before anything loads.")
+    # Format overrides of the task (registered or defined); each null key keeps the task's own value.
+    template: Optional[str] = Field(
+        None, description="Prompt template over the row's columns (str.format), e.g. `'Review: {sentence}\\nSentiment:'`.")
+    answer_template: Optional[str] = Field(
+        None, description="How the answer follows the query: `'{answer}'` (right after the colon, the paper's) or "
+        "`' {answer}'` (after a space).")
+    input_fields: Optional[list[str]] = Field(None, description="Row columns the template reads.")
+    label_field: Optional[str] = Field(None, description="Row column holding the label or gold answer.")
+    label_words: Optional[dict[str, str]] = Field(
+        None, description="Raw label value -> label word, e.g. `{0: negative, 1: positive}`; each must be one token "
+        "after the prompt (checked against the tokenizer before training). Values left out must be in `drop_labels`.")
+    drop_labels: Optional[list[str]] = Field(None, description="Raw label values whose rows are dropped.")
+    demo_separator: Optional[str] = Field(None, description="Between demos, and between the last demo and the query.")
+    stop_strings: Optional[list[str]] = Field(None, description="Decoding of generated answers stops on these.")
+
+    @field_validator("label_words", "drop_labels", mode="before")
+    @classmethod
+    def _labels_as_str(cls, value: Any) -> Any:
+        """YAML writes `{0: negative}` and `[1]`: raw label values compare as strings."""
+        if isinstance(value, dict):
+            return {str(k): v for k, v in value.items()}
+        if isinstance(value, list):
+            return [str(v) for v in value]
+        return value
+
+    def format_overrides(self) -> dict[str, Any]:
+        """The format keys this config sets (`FORMAT_KEYS` of `ia2ray.data.tasks`)."""
+        return {k: getattr(self, k) for k in TASK_FORMAT_KEYS if getattr(self, k) is not None}
+
+
+TASK_FORMAT_KEYS = ("template", "answer_template", "input_fields", "label_field", "label_words", "drop_labels",
+                    "demo_separator", "stop_strings")
 
 
 class DataConfig(Section):

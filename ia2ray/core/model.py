@@ -12,6 +12,7 @@ from peft import get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ia2ray.config.schema import LoraConfig, ModelConfig
+from ia2ray.core.gguf import converted_dir, is_gguf_path
 from ia2ray.core.sites import lora_target_modules, num_layers
 from ia2ray.fileio import ia2ray_home
 
@@ -30,7 +31,10 @@ def resolve_device(spec: str = "auto") -> torch.device:
 
 def model_dir(cfg: ModelConfig) -> str:
     """Hub id or local path to load; `builtin:tiny-<arch>` is built once into the user cache;
-    `builtin:testbed` is the shipped ICL testbed model (ia2ray/testbed/model)."""
+    `builtin:testbed` is the shipped ICL testbed model (ia2ray/testbed/model); `builtin:smollm2` and
+    `*.gguf` files are converted once into a cached folder (`ia2ray.core.gguf`)."""
+    if is_gguf_path(cfg.path):
+        return str(converted_dir(cfg.path, cfg.dtype))
     if cfg.path == "builtin:testbed":
         path = Path(str(resources.files("ia2ray") / "testbed" / "model"))  # shipped package data
         if not (path / "model.safetensors").is_file():

@@ -28,7 +28,7 @@ from ia2ray.core.sites import num_layers
 from ia2ray.core.stages import StageSettings, train_stage
 from ia2ray.data.examples import Example, format_answer, format_query
 from ia2ray.data.splits import Splits, dev_prompts, eval_pool, icl_demo_draws, load_pools, make_splits, training_prompts
-from ia2ray.data.tasks import TaskSpec, get_task
+from ia2ray.data.tasks import TaskSpec, get_task, resolve_task
 from ia2ray.fileio import ia2ray_home
 from ia2ray.mirror import is_remote
 
@@ -73,7 +73,7 @@ def ood_split(name: str) -> str:
 def prepare_data(cfg: RunConfig) -> RunData:
     """Task spec, rows, N-shot splits and ICL demo draws; raises DataError/ValueError before any
     model loads."""
-    spec = get_task(cfg.task.name)
+    spec = resolve_task(cfg.task.name, cfg.task.format_overrides(), cfg.task.define)
     train_rows, eval_rows = load_pools(spec, cfg.data.train_pool, cfg.data.eval_pool, cfg.task.path, cfg.task.eval_path)
     splits = make_splits(train_rows, eval_rows, cfg.data.n, cfg.data.seed, cfg.data.val_size, cfg.data.test_size)
     draws = []

@@ -14,6 +14,7 @@ from typing import Optional
 
 from ia2ray.config.schema import RunConfig
 from ia2ray.core.fingerprint import content_hash
+from ia2ray.core.gguf import SMOLLM2, is_gguf_path
 from ia2ray.core.model import add_lora, load_trainable_state, model_dir
 from ia2ray.core.pipeline import StageWork, Teacher
 from ia2ray.train.dsconfig import load_preset, zero_stage
@@ -47,6 +48,8 @@ def make_job(cfg: RunConfig, pad_id: int, stages: list[StageWork], teacher: Opti
         specs.append(StageSpec(work.name, work.objective, work.settings, refs(work.train_items, 0),
                                refs(work.dev_items, n_train)))
     path = model_dir(cfg.model)  # workers run elsewhere (another cwd, maybe another node): no relative paths
+    if is_gguf_path(cfg.model.path):  # each node converts (once, cached) into its own $IA2RAY_HOME
+        path = cfg.model.path if cfg.model.path == SMOLLM2 else str(Path(cfg.model.path).expanduser().resolve())
     model = cfg.model.model_copy(update={"path": str(Path(path).resolve()) if Path(path).is_dir() else path})
     fingerprint = content_hash({
         # what decides the result; worker count, ZeRO stage and checkpoint cadence may change on resume
