@@ -110,7 +110,10 @@ def eval_sets(data: RunData, splits: tuple[str, ...]) -> list[tuple[str, TaskSpe
 def preflight(cfg: RunConfig, data: RunData) -> None:
     """Checks that need the model's config or tokenizer (layer ranges, layer weights, label tokens),
     all reported together as a ConfigError before any weights are loaded."""
-    path = model_dir(cfg.model)
+    try:
+        path = model_dir(cfg.model)  # a builtin or GGUF model is built or converted here, once
+    except (FileNotFoundError, ImportError, ValueError) as exc:
+        raise ConfigError([str(exc)], "model.path") from None
     kw = dict(revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
     n_layers = AutoConfig.from_pretrained(path, **kw).num_hidden_layers
     errors, layers = [], None
@@ -129,7 +132,8 @@ def preflight(cfg: RunConfig, data: RunData) -> None:
             errors.append(str(exc))
     if data.spec.answer_type == "label":
         tokenizer = AutoTokenizer.from_pretrained(path, **kw)
-        checks = [("task.name", data.spec, data.splits.train[0])]
+        own = "task.label_words" if cfg.task.label_words else "task.define" if cfg.task.define else "task.name"
+        checks = [(own, data.spec, data.splits.train[0])]
         checks += [(f"task.ood.{name}", target, rows[0]) for name, (target, rows) in data.ood.items()]
         for key, spec, example in checks:
             try:

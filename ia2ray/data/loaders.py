@@ -209,13 +209,26 @@ def _check_row(spec: TaskSpec, row: dict[str, Any], skip: set[str]) -> tuple[lis
     if problem:
         problems.append(problem)
     elif spec.label_words is None:
-        answer = key
+        answer = without_stops(spec, key)
     elif key in spec.label_words:
         answer = spec.label_words[key]
     else:
         expected = ", ".join(f"'{k}'" for k in spec.label_words)
         problems.append(f"unknown label '{key}' (expected one of {expected})")
     return problems, fields, answer
+
+
+def without_stops(spec: TaskSpec, answer: str) -> str:
+    """A gold free-text answer with its blank-line runs collapsed to one newline when the task stops decoding
+    at a blank line: an answer holding one (312 of 1744 MATH-Algebra train solutions, 600 of 2500
+    GSM-Symbolic p2 answers, 6 GSM8K answers) would end its demo early and teach SFT to stop before the
+    final answer. Stop strings with visible characters are left alone."""
+    for stop in spec.stop_strings:
+        if stop.strip() or stop not in answer:
+            continue
+        while stop in answer:
+            answer = answer.replace(stop, stop[:-1] if len(stop) > 1 else "")
+    return answer
 
 
 def _to_examples(spec: TaskSpec, records: list[Record], source: str, column_loc: str | None) -> list[Example]:
