@@ -87,10 +87,11 @@ def bench_capture(tok, sizes, gs, quick: bool) -> list[dict]:
     return rows
 
 
-def bench_steps(tok, hidden: int, layers: int, g: int, repeat: int) -> dict:
-    """Median wall time of one optimiser step (forward, backward, Adam) for align vs sft."""
-    model = random_model(len(tok), hidden, layers)
-    prompts = prompts_of_lengths(tok, 4, 40, 80, seed=1)
+def bench_steps(tok, hidden: int, layers: int, g: int, repeat: int, model=None, prompts=None) -> dict:
+    """Median wall time of one optimiser step (forward, backward, Adam) for align vs sft (on a random
+    model of that shape, or on `model` with `prompts`)."""
+    model = model if model is not None else random_model(len(tok), hidden, layers)
+    prompts = prompts or prompts_of_lengths(tok, 4, 40, 80, seed=1)
     teacher = capture_icl_activations(model, tok, prompts, g)
     items = [TrainItem(tok(p)["input_ids"], t.token_ids.tolist(), t.activations) for p, t in zip(prompts, teacher)]
     peft = add_lora(model, LoraConfig(rank=8), seed=0)
