@@ -192,3 +192,13 @@ def test_a_short_ia2_sft_run_on_real_sst2(smollm2_dir, tmp_path):
     assert summary["test"]["n"] == 16 and 0 <= summary["test"]["acc"] <= 1 and summary["icl"]["test"]["n"] == 16
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
 
+
+
+@needs_smollm2
+@needs_data
+def test_the_smollm2_study_passes_its_start_up_checks_offline(smollm2_dir, tmp_path):
+    from ia2ray.study.driver import prepare_study
+
+    sets = [f"task.path={DATA / 'sst2/train.jsonl'}", f"task.eval_path={DATA / 'sst2/validation.jsonl'}"]
+    prepared = prepare_study(str(Path(__file__).resolve().parents[1] / "search_spaces" / "smollm2-sst2.yaml"), sets, str(tmp_path / "studies"), resume=False)
+    assert prepared.has_ece and not (tmp_path / "studies").exists()
