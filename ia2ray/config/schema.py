@@ -16,6 +16,14 @@ PIPELINES = ("sft", "ia2", "ia2->sft", "ia2+sft", "sft-icl")
 LAYER_SPEC = re.compile(r"^(all|band:\d+:\d+|every:\d+(:\d+)?)$")
 
 
+def label_key(value: Any) -> str:
+    """A raw label value as the string that `label_words` and `drop_labels` compare: YAML's `0`, a
+    dataset's `1.0` and the text `" 1"` are all `"1"`."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return value.strip() if isinstance(value, str) else str(value)
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -74,11 +82,11 @@ class TaskConfig(Section):
     @field_validator("label_words", "drop_labels", mode="before")
     @classmethod
     def _labels_as_str(cls, value: Any) -> Any:
-        """YAML writes `{0: negative}` and `[1]`: raw label values compare as strings."""
+        """YAML writes `{0: negative}` and `[1]`: raw label values compare as strings (`label_key`)."""
         if isinstance(value, dict):
-            return {str(k): v for k, v in value.items()}
+            return {label_key(k): v for k, v in value.items()}
         if isinstance(value, list):
-            return [str(v) for v in value]
+            return [label_key(v) for v in value]
         return value
 
     def format_overrides(self) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fcntl
 import importlib.util
+import json
 import logging
 import time
 from pathlib import Path
@@ -80,8 +81,6 @@ def _is_complete(out: Path, digest: str) -> bool:
     manifest = out / MANIFEST
     if not manifest.is_file():
         return False
-    import json
-
     record = json.loads(manifest.read_text())
     if record.get("source_sha256") != digest:
         return False
@@ -102,11 +101,13 @@ def _convert(source: Path, digest: str, dtype: str, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ia2ray.core.model import DTYPES  # here, not at the top: model.py imports this module
+
     try:
         import gguf  # noqa: F401  transformers needs it to read the file
     except ImportError:
         raise ImportError("model.path: reading a GGUF file needs the `gguf` package: pip install gguf") from None
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    torch_dtype = DTYPES[dtype]
     start = time.perf_counter()
     log.info("converting %s (dequantised to %s) into %s", source, dtype, out)
     loaded = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)

@@ -18,6 +18,7 @@ import zlib
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from ia2ray.config.schema import label_key
 from ia2ray.data.examples import Example
 from ia2ray.data.synthetic import generate_rows
 from ia2ray.data.tasks import TaskSpec
@@ -167,13 +168,6 @@ def _load_generated(spec: TaskSpec, split: str, seed: int) -> list[Example]:
     return _to_examples(spec, records, source, None)
 
 
-def _label_key(value: Any) -> str:
-    """Raw label as the string used for ``label_words`` lookup (``1``, ``1.0``, ``"1"`` -> ``"1"``)."""
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return value.strip() if isinstance(value, str) else str(value)
-
-
 def _cell_problem(row: dict[str, Any], col: str, kinds: tuple[type, ...], kind_name: str) -> str | None:
     """Why ``row[col]`` is unusable (absent, null, wrong type, blank), or None when it is fine."""
     value = row.get(col)
@@ -183,7 +177,7 @@ def _cell_problem(row: dict[str, Any], col: str, kinds: tuple[type, ...], kind_n
         return f"missing value in column '{col}'"
     if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
         return f"column '{col}' must be {kind_name}, got {type(value).__name__} {value!r}"
-    if not _label_key(value):
+    if not label_key(value):
         return f"empty value in column '{col}'"
     return None
 
@@ -205,7 +199,7 @@ def _check_row(spec: TaskSpec, row: dict[str, Any], skip: set[str]) -> tuple[lis
     if col in skip:
         return problems, fields, answer
     problem = _cell_problem(row, col, (str, int, float, bool), "text, a number or a boolean")
-    key = None if problem else _label_key(row[col])
+    key = None if problem else label_key(row[col])
     if problem:
         problems.append(problem)
     elif spec.label_words is None:
@@ -263,7 +257,7 @@ def _to_examples(spec: TaskSpec, records: list[Record], source: str, column_loc:
                 problems.append(f"{loc}: {exc}")
                 continue
         if spec.drop_labels and row.get(spec.label_field) is not None \
-                and _label_key(row[spec.label_field]) in spec.drop_labels:
+                and label_key(row[spec.label_field]) in spec.drop_labels:
             continue  # a known class the task leaves out
         row_problems, fields, answer = _check_row(spec, row, absent)
         problems += [f"{loc}: {p}" for p in row_problems]

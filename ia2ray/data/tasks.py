@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ia2ray.config.schema import label_key
 from ia2ray.data.parsers import PARSERS
 from ia2ray.data.synthetic import GENERATORS
 from ia2ray.data.transforms import TRANSFORMS
@@ -73,7 +74,7 @@ class TaskSpec(BaseModel):
     def _label_keys_as_str(cls, value: Any) -> Any:
         """YAML writes ``{0: negative}``: accept int/bool keys and compare them as strings."""
         if isinstance(value, dict):
-            return {str(k): v for k, v in value.items()}
+            return {label_key(k): v for k, v in value.items()}
         return value
 
     @field_validator("drop_labels", mode="before")
@@ -82,7 +83,7 @@ class TaskSpec(BaseModel):
         """As the loader writes raw labels: ``1``, ``1.0`` and ``"1"`` are all ``"1"``."""
         if not isinstance(value, list):
             return value
-        return [str(int(v)) if isinstance(v, float) and v.is_integer() else str(v) for v in value]
+        return [label_key(v) for v in value]
 
     @model_validator(mode="after")
     def _check_consistency(self) -> "TaskSpec":
