@@ -8,12 +8,19 @@ N-shot split, once per learning rate of the grid (IA2 -> SFT uses one rate for b
 the paper); the ICL baseline (base model, N-1 demos from outside the training set, averaged over
 demo draws) comes from the same split. As in the paper, the best rate is chosen per method and N,
 but by mean VALIDATION accuracy (the paper picked it on test). Reports test accuracy and ECE
-(mean and std over seeds) at the chosen rate and writes every run's metrics to the JSON file.
+(mean and std over seeds) at the chosen rate, the paired per-seed difference of IA2 -> SFT against
+SFT only and against ICL (mean, bootstrap 95% interval, paired t-test p), and writes every run's
+metrics to the JSON file.
+
+The JSON file is rewritten after each (N, seed): run the same command again after an interruption
+and it continues with the splits that are missing (a different task, model, grid or --set starts
+afresh). `"complete": false` marks a file that does not hold every split yet.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -24,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ia2ray.fileio import write_json_atomic  # noqa: E402
 from ia2ray.config import load_run_config  # noqa: E402
 from ia2ray.core.pipeline import run_pipeline  # noqa: E402
+from ia2ray.core.stats import paired  # noqa: E402
 
 METHODS = ("sft", "ia2", "ia2->sft")
 
@@ -57,21 +65,61 @@ def choose_lr(runs: list[dict], method: str) -> str:
     return max(lrs, key=lambda lr: (statistics.mean(r[method][lr]["val"]["acc"] for r in runs), -float(lr)))
 
 
+def picked(runs: list[dict], method: str, lr: str | None, split: str, key: str) -> list[float]:
+    """One value per seed: ICL (lr None) or a method at a rate."""
+    return [r["icl"][split][key] if lr is None else r[method][lr][split][key] for r in runs]
+
+
 def table(results: dict, ns: list[int]) -> tuple[str, dict]:
     """Markdown table of test metrics (ICL, and each method at its chosen rate) and the chosen rates."""
-    rows = ["| N | method | lr (chosen on val) | test acc (mean ± std) | test ECE (mean ± std) |",
-            "|---|---|---|---|---|"]
+    rows = ["| N | seeds | method | lr (chosen on val) | test acc (mean ± std) | test ECE (mean ± std) |",
+            "|---|---|---|---|---|---|"]
     chosen: dict = {}
     for n in ns:
-        runs = results[str(n)]
+        runs = results.get(str(n), [])
+        if not runs:
+            continue
         picks = {"icl": None, **{m: choose_lr(runs, m) for m in METHODS}}
         chosen[str(n)] = {m: lr for m, lr in picks.items() if lr}
         for method, lr in picks.items():
-            metric = (lambda r, k: r["icl"]["test"][k]) if lr is None else (lambda r, k: r[method][lr]["test"][k])
-            acc = mean_std([metric(r, "acc") for r in runs])
-            ece = mean_std([metric(r, "ece") for r in runs])
-            rows.append(f"| {n} | {method} | {lr or '-'} | {acc[0]:.3f} ± {acc[1]:.3f} | {ece[0]:.3f} ± {ece[1]:.3f} |")
+            acc = mean_std(picked(runs, method, lr, "test", "acc"))
+            ece = mean_std(picked(runs, method, lr, "test", "ece"))
+            rows.append(f"| {n} | {len(runs)} | {method} | {lr or '-'} | {acc[0]:.3f} ± {acc[1]:.3f} | "
+                        f"{ece[0]:.3f} ± {ece[1]:.3f} |")
     return "\n".join(rows), chosen
+
+
+PAIRS = (("ia2->sft", "sft"), ("ia2->sft", "icl"), ("ia2", "icl"), ("sft", "icl"))
+
+
+def paired_table(results: dict, chosen: dict) -> tuple[str, dict]:
+    """Per N: the paired per-seed test differences (a - b) at each method's chosen rate."""
+    rows = ["| N | a - b | Δ test acc [95% CI] | p | verdict | Δ test ECE [95% CI] | p | verdict |",
+            "|---|---|---|---|---|---|---|---|"]
+    out: dict = {}
+    for n, picks in chosen.items():
+        runs = results[n]
+        for a, b in PAIRS:
+            cells, stats = [], {}
+            for key, higher in (("acc", True), ("ece", False)):
+                r = paired(picked(runs, a, picks.get(a), "test", key), picked(runs, b, picks.get(b), "test", key),
+                           higher_is_better=higher)
+                stats[key] = r.as_dict()
+                cells += [f"{r.mean:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}]", f"{r.p_value:.3f}", r.verdict]
+            out.setdefault(n, {})[f"{a} - {b}"] = stats
+            rows.append(f"| {n} | {a} - {b} | " + " | ".join(cells) + " |")
+    return "\n".join(rows), out
+
+
+def load_done(path: Path, setup: dict) -> dict[str, list]:
+    """The splits an earlier run of the same setup finished (empty when the file is absent or differs)."""
+    if not path.is_file():
+        return {}
+    report = json.loads(path.read_text())
+    if report.get("setup") != setup:
+        print(f"{path}: written by a different setup; starting afresh", flush=True)
+        return {}
+    return report.get("results", {})
 
 
 def main() -> None:
@@ -85,23 +133,33 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     overrides = [f"model.path={args.model}", *args.overrides]
+    setup = {"task": args.task, "model": args.model, "lrs": args.lrs, "overrides": args.overrides}
+    out = Path(args.out)
+    results = load_done(out, setup)
+    previous_s = json.loads(out.read_text()).get("wall_s", 0.0) if results else 0.0
     started = time.time()
-    results: dict[str, list] = {}
+
+    def write(complete: bool) -> dict:
+        md, chosen = table(results, args.n)
+        pmd, diffs = paired_table(results, chosen)
+        report = {"command": "python " + " ".join(sys.argv), "setup": setup, **setup, "complete": complete,
+                  "wall_s": round(previous_s + time.time() - started, 1), "chosen_lr": chosen,
+                  "paired": diffs, "results": results, "table": md, "paired_table": pmd}
+        write_json_atomic(out, report)
+        return report
+
     for n in args.n:
-        results[str(n)] = []
-        for seed in range(args.seeds):
+        runs = results.setdefault(str(n), [])
+        for seed in range(len(runs), args.seeds):
             r = one_split(args.task, n, seed, args.lrs, overrides)
-            results[str(n)].append(r)
+            runs.append(r)
             print(f"N={n} seed={seed}: icl {r['icl']['test']['acc']:.3f} | " + " | ".join(
                 f"{m} " + " ".join(f"{lr}:{v['test']['acc']:.3f}" for lr, v in r[m].items()) for m in METHODS),
                 flush=True)
-    md, chosen = table(results, args.n)
-    print(md)
-    report = {"command": "python " + " ".join(sys.argv), "task": args.task, "model": args.model,
-              "lrs": args.lrs, "overrides": args.overrides, "wall_s": round(time.time() - started, 1),
-              "chosen_lr": chosen, "results": results, "table": md}
-    write_json_atomic(args.out, report)
-    print(f"wrote {args.out} in {report['wall_s']} s")
+            write(complete=False)
+    report = write(complete=True)
+    print(report["table"], report["paired_table"], sep="\n\n")
+    print(f"wrote {out} in {report['wall_s']} s")
 
 
 if __name__ == "__main__":

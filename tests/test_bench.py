@@ -95,3 +95,34 @@ def test_label_tokens_bench_checks_a_vocabulary_against_its_own_encoder(tmp_path
     assert qwen["agnews"]["ok"] and qwen["bbcnews"]["ok"]
     assert not qwen["sciq-remap"]["ok"] and "label word 'Friday' is 6 tokens" in qwen["sciq-remap"]["error"]
     assert "qwen    sciq-remap  BAD" in res.stdout
+
+
+def test_compare_continues_where_an_earlier_run_stopped(tmp_path):
+    """The comparison rewrites its JSON after each (N, seed) and a rerun computes only the missing splits."""
+    out = tmp_path / "compare.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "compare_testbed.py"), "--n", "4", "--lrs", "1e-2", "--out", str(out),
+           "--set", "data.val_size=16", "--set", "data.test_size=16", "--set", "train.max_epochs=2",
+           "--set", "eval.icl_draws=1"]
+
+    def run(*extra: str) -> str:
+        res = subprocess.run(cmd + list(extra), capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return res.stdout
+
+    first = run("--seeds", "1")
+    one = json.loads(out.read_text())
+    assert one["complete"] and len(one["results"]["4"]) == 1 and "N=4 seed=0" in first
+    assert one["paired"]["4"]["ia2->sft - sft"]["acc"]["n"] == 1
+
+    second = run("--seeds", "2")
+    two = json.loads(out.read_text())
+    assert "N=4 seed=0" not in second and "N=4 seed=1" in second  # seed 0 was read back, not trained again
+    assert two["results"]["4"][0] == one["results"]["4"][0] and len(two["results"]["4"]) == 2
+    diff = two["paired"]["4"]["ia2->sft - sft"]["acc"]
+    runs = two["results"]["4"]
+    assert diff["n"] == 2 and diff["mean"] == pytest.approx(
+        sum(r["ia2->sft"]["0.01"]["test"]["acc"] - r["sft"]["0.01"]["test"]["acc"] for r in runs) / 2)
+    assert "| 4 | 2 | ia2->sft | 0.01 |" in two["table"] and "ia2->sft - sft" in two["paired_table"]
+
+    third = run("--seeds", "1", "--set", "eval.batch_size=8")  # another setup: not mixed with the file's splits
+    assert "different setup; starting afresh" in third and "N=4 seed=0" in third
