@@ -111,15 +111,16 @@ def paired_table(results: dict, chosen: dict) -> tuple[str, dict]:
     return "\n".join(rows), out
 
 
-def load_done(path: Path, setup: dict) -> dict[str, list]:
-    """The splits an earlier run of the same setup finished (empty when the file is absent or differs)."""
+def load_done(path: Path, setup: dict) -> tuple[dict[str, list], float]:
+    """The splits an earlier run of the same setup finished, and its wall seconds (nothing when the file
+    is absent or was written by another setup)."""
     if not path.is_file():
-        return {}
+        return {}, 0.0
     report = json.loads(path.read_text())
-    if report.get("setup") != setup:
+    if {k: report.get(k) for k in setup} != setup:
         print(f"{path}: written by a different setup; starting afresh", flush=True)
-        return {}
-    return report.get("results", {})
+        return {}, 0.0
+    return report.get("results", {}), report.get("wall_s", 0.0)
 
 
 def main() -> None:
@@ -135,14 +136,13 @@ def main() -> None:
     overrides = [f"model.path={args.model}", *args.overrides]
     setup = {"task": args.task, "model": args.model, "lrs": args.lrs, "overrides": args.overrides}
     out = Path(args.out)
-    results = load_done(out, setup)
-    previous_s = json.loads(out.read_text()).get("wall_s", 0.0) if results else 0.0
+    results, previous_s = load_done(out, setup)
     started = time.time()
 
     def write(complete: bool) -> dict:
         md, chosen = table(results, args.n)
         pmd, diffs = paired_table(results, chosen)
-        report = {"command": "python " + " ".join(sys.argv), "setup": setup, **setup, "complete": complete,
+        report = {"command": "python " + " ".join(sys.argv), **setup, "complete": complete,
                   "wall_s": round(previous_s + time.time() - started, 1), "chosen_lr": chosen,
                   "paired": diffs, "results": results, "table": md, "paired_table": pmd}
         write_json_atomic(out, report)
