@@ -327,7 +327,7 @@ def test_paper_scale_studies_cover_the_training_tasks_with_their_ood_targets():
             base, _ = load_study_file(root / f"{prefix}-{task}.yaml")  # a study file is a run config too
             assert (base.name, base.task.name, base.data.n) == (f"{prefix}-{task}", task, n)
             assert list(base.task.ood) == OOD_PAIRS.get(task, [task])[1:]  # targets from the hub (null paths)
-            assert all(path is None for path in base.task.ood.values())
+            assert all(target.path is None for target in base.task.ood.values())
 
 
 def test_label_words_the_tokenizer_cuts_are_refused_before_anything_runs(tmp_path, capsys):

@@ -202,3 +202,25 @@ def test_the_smollm2_study_passes_its_start_up_checks_offline(smollm2_dir, tmp_p
     sets = [f"task.path={DATA / 'sst2/train.jsonl'}", f"task.eval_path={DATA / 'sst2/validation.jsonl'}"]
     prepared = prepare_study(str(Path(__file__).resolve().parents[1] / "search_spaces" / "smollm2-sst2.yaml"), sets, str(tmp_path / "studies"), resume=False)
     assert prepared.has_ece and not (tmp_path / "studies").exists()
+
+
+@needs_smollm2
+@needs_data
+def test_sst2_to_fins_in_the_review_format_passes_the_smollm2_checks(smollm2_dir, tmp_path, monkeypatch):
+    """The SmolLM2 study with FinS as its out-of-domain target, shaped like the source (label words
+    negative/positive, neutral dropped): a relative path becomes absolute for the trials, and the label
+    words are single tokens under SmolLM2's tokenizer."""
+    from ia2ray.study.driver import prepare_study
+
+    monkeypatch.chdir(DATA)
+    target = ('{fins: {path: fins/sentences_50agree.jsonl, template: "Review: {sentence}\\nSentiment:", '
+              'answer_template: " {answer}", label_words: {0: negative, 2: positive}}}')
+    sets = ["task.path=sst2/train.jsonl", "task.eval_path=sst2/validation.jsonl", f"task.ood={target}"]
+    prepared = prepare_study(str(Path(__file__).resolve().parents[1] / "search_spaces" / "smollm2-sst2.yaml"), sets,
+                             str(tmp_path / "studies"), resume=False)
+    fins = prepared.base.task.ood["fins"]
+    assert fins.path == str(DATA / "fins/sentences_50agree.jsonl") and fins.label_words["2"] == "positive"
+    spec, rows = prepare_data(prepared.base).ood["fins"]
+    assert len(rows) == prepared.base.data.test_size == 200
+    assert all(format_demo(spec, r).startswith("Review: ") for r in rows)
+    assert {format_demo(spec, r).rsplit("\n", 1)[1] for r in rows} == {"Sentiment: negative", "Sentiment: positive"}

@@ -94,3 +94,55 @@ def test_blank_lines_in_generated_gold_answers_are_collapsed():
     gsm = get_task("gsm8k")
     assert without_stops(gsm, "Step 1.\n\n\nStep 2.\n\n#### 5") == "Step 1.\nStep 2.\n#### 5"
     assert without_stops(resolve_task("gsm8k", {"stop_strings": ["###"]}), "a\n\nb") == "a\n\nb"
+
+
+FINS = [{"sentence": s, "label": y} for s, y in
+        [("Sales rose 9%.", 2), ("The plant closed.", 0), ("The meeting is on Monday.", 1)] * 10]
+
+
+@pytest.fixture
+def fins_file(tmp_path):
+    path = tmp_path / "fins.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in FINS))
+    return str(path)
+
+
+def test_an_ood_target_takes_its_own_format_keys(sst2_file, fins_file):
+    """SST-2 -> FinS in the Review format: the target's label words follow the source's, neutral stays dropped."""
+    review = ['task.template="Review: {sentence}\\nSentiment:"', 'task.answer_template=" {answer}"',
+              "task.label_words={0: negative, 1: positive}"]
+    target = (f'{{fins: {{path: {fins_file}, template: "Review: {{sentence}}\\nSentiment:", '
+              'answer_template: " {answer}", label_words: {0: negative, 2: positive}}}')
+    base = ["task.name=sst2", f"task.path={sst2_file}", f"task.eval_path={sst2_file}", "data.n=4", "data.val_size=4",
+            "data.test_size=8"]
+    spec, rows = prepare_data(load_run_config(None, [*base, *review, f"task.ood={target}"])).ood["fins"]
+    assert spec.label_words == {"0": "negative", "2": "positive"} and spec.drop_labels == ["1"]
+    assert len(rows) == 8 and {r.answer for r in rows} == {"negative", "positive"}
+    negative = next(r for r in rows if r.answer == "negative")  # the eval pool is drawn in a seeded order
+    assert format_query(spec, negative) == "Review: The plant closed.\nSentiment:"
+    assert format_demo(spec, negative) == "Review: The plant closed.\nSentiment: negative"
+    plain = prepare_data(load_run_config(None, [*base, f"task.ood={{fins: {fins_file}}}"])).ood["fins"]
+    assert plain[0] is get_task("fins")  # a target given by its path alone keeps the registered spec
+
+
+def test_ood_targets_dump_as_they_were_written(fins_file):
+    """A target without format keys is written back as its path (null: the hub); `--set` can add keys to a null one."""
+    cfg = load_run_config(None, ["task.name=sst2", f"task.ood={{fins: {fins_file}, poems: null}}"])
+    assert cfg.model_dump(mode="json")["task"]["ood"] == {"fins": fins_file, "poems": None}
+    cfg = load_run_config(None, ["task.name=sst2", "task.ood={fins: null}", "task.ood.fins.label_words={0: bad, 2: good}"])
+    assert cfg.task.ood["fins"].path is None
+    assert cfg.model_dump(mode="json")["task"]["ood"] == {"fins": {"path": None, "label_words": {"0": "bad", "2": "good"}}}
+    assert type(cfg).model_validate(cfg.model_dump(mode="json")) == cfg  # what a trial receives
+
+
+@pytest.mark.parametrize("target, message", [
+    ("{fins: {path: FILE, template: 'Text: {text}'}}", "task.ood.fins: task 'fins': template placeholders {text}"),
+    ("{fins: {path: FILE, label_words: {0: a, 1: a, 2: b}}}", "task.ood.fins: task 'fins': label_words must be distinct"),
+    ("{fins: {path: FILE, templat: x}}", "task.ood.fins.templat: unknown key"),
+])
+def test_bad_ood_formats_are_refused_naming_the_target(target, message, sst2_file, fins_file):
+    sets = ["task.name=sst2", f"task.path={sst2_file}", f"task.eval_path={sst2_file}",
+            "task.ood=" + target.replace("FILE", fins_file)]
+    with pytest.raises(ValueError) as exc:  # ConfigError (load) and ValueError (prepare) alike
+        prepare_data(load_run_config(None, sets))
+    assert message in str(exc.value)

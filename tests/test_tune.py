@@ -1,6 +1,7 @@
 """`python -m ia2ray.tune` for real: the smoke study in a fresh process with its own local Ray cluster,
 logging to a real `mlflow server`, killed mid-search (SIGKILL to the driver's process group) and
-continued with --resume."""
+continued with --resume. Marked `cluster` (it starts its own Ray cluster; ~3 min): CI runs it after the
+default suite."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ def start(cmd: list[str], log: Path) -> subprocess.Popen:
                             start_new_session=True)
 
 
+@pytest.mark.cluster
 def test_smoke_study_killed_mid_search_then_resumed(tmp_path, tiny_checkpoints, mlflow_server):
     tiny_checkpoints("llama")  # built once for the session (builtin:tiny-llama)
     storage = tmp_path / "studies"

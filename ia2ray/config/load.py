@@ -44,11 +44,14 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def set_dotted(tree: dict, key: str, value: Any) -> None:
-    """Set `tree[a][b] = value` for key `a.b`, creating sections; refuses to descend into a scalar."""
+    """Set `tree[a][b] = value` for key `a.b`, creating sections (a null becomes one: `task.ood.fins:
+    null` then `--set task.ood.fins.template=...`); refuses to descend into any other scalar."""
     parts = key.split(".")
     node = tree
     for i, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
+        if node.get(part) is None:
+            node[part] = {}
+        child = node[part]
         if not isinstance(child, dict):
             raise ValueError(f"{'.'.join(parts[: i + 1])} is a value, not a section (in --set {key}=...)")
         node = child

@@ -8,9 +8,9 @@ Every model forbids unknown keys. Field descriptions are written for users: they
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 PIPELINES = ("sft", "ia2", "ia2->sft", "ia2+sft", "sft-icl")
 LAYER_SPEC = re.compile(r"^(all|band:\d+:\d+|every:\d+(:\d+)?)$")
@@ -44,6 +44,69 @@ class ModelConfig(Section):
     trust_remote_code: bool = Field(False, description="Passed to transformers' `from_pretrained`.")
 
 
+TASK_FORMAT_KEYS = ("template", "answer_template", "input_fields", "label_field", "label_words", "drop_labels",
+                    "demo_separator", "stop_strings")
+
+
+def _label_keys(value: Any) -> Any:
+    """YAML writes `{0: negative}` and `[1]`: raw label values compare as strings (`label_key`)."""
+    if isinstance(value, dict):
+        return {label_key(k): v for k, v in value.items()}
+    if isinstance(value, list):
+        return [label_key(v) for v in value]
+    return value
+
+
+# The format keys of a task, shared by `task` and each `task.ood.<name>` target; null keeps the task's own value.
+Template = Annotated[Optional[str], Field(
+    description="Prompt template over the row's columns (str.format), e.g. `'Review: {sentence}\\nSentiment:'`.")]
+AnswerTemplate = Annotated[Optional[str], Field(
+    description="How the answer follows the query: `'{answer}'` (right after the colon, the paper's) or "
+    "`' {answer}'` (after a space).")]
+InputFields = Annotated[Optional[list[str]], Field(description="Row columns the template reads.")]
+LabelField = Annotated[Optional[str], Field(description="Row column holding the label or gold answer.")]
+LabelWords = Annotated[Optional[dict[str, str]], BeforeValidator(_label_keys), Field(
+    description="Raw label value -> label word, e.g. `{0: negative, 1: positive}`; each must be one token "
+    "after the prompt (checked against the tokenizer before training). Values left out must be in `drop_labels`.")]
+DropLabels = Annotated[Optional[list[str]], BeforeValidator(_label_keys),
+                       Field(description="Raw label values whose rows are dropped.")]
+DemoSeparator = Annotated[Optional[str], Field(description="Between demos, and between the last demo and the query.")]
+StopStrings = Annotated[Optional[list[str]], Field(description="Decoding of generated answers stops on these.")]
+
+
+def format_overrides(section: BaseModel) -> dict[str, Any]:
+    """The format keys (`FORMAT_KEYS` of `ia2ray.data.tasks`) that a `task` or `task.ood.<name>`
+    section sets: those that are not null."""
+    return {k: getattr(section, k) for k in TASK_FORMAT_KEYS if getattr(section, k) is not None}
+
+
+class OodTarget(Section):
+    """One out-of-domain target: where its rows are and, optionally, how its prompts are shaped."""
+    path: Optional[str] = Field(None, description="Local file of the target's eval rows (null: from the hub).")
+    template: Template = None
+    answer_template: AnswerTemplate = None
+    input_fields: InputFields = None
+    label_field: LabelField = None
+    label_words: LabelWords = None
+    drop_labels: DropLabels = None
+    demo_separator: DemoSeparator = None
+    stop_strings: StopStrings = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _path_alone(cls, value: Any) -> Any:
+        """`fins: null` and `fins: data/fins.jsonl` are a target given by its path alone."""
+        return {"path": value} if value is None or isinstance(value, str) else value
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        """A target without format keys is written as its path, as it was given; one with format keys
+        as its path and the keys it sets."""
+        if not format_overrides(self):
+            return self.path
+        return {k: v for k, v in handler(self).items() if v is not None or k == "path"}
+
+
 class TaskConfig(Section):
     name: str = Field("testbed/map2", description="Registered task name: the paper's benchmarks (`sst2`, `fins`, "
                       "`poems`, `strategyqa`, `agnews`, `bbcnews`, `sciq-remap`, `qasc-remap`, `gsm8k`, "
@@ -54,9 +117,11 @@ class TaskConfig(Section):
     eval_path: Optional[str] = Field(
         None, description="Local file for the evaluation pool; default: the task's eval split."
     )
-    ood: dict[str, Optional[str]] = Field(
+    ood: dict[str, OodTarget] = Field(
         default_factory=dict, description="Out-of-domain targets evaluated with the test split: task name -> local "
-        "file of its eval rows, taken whole (null: its hub eval split, or the rows it holds out), e.g. `{fins: null, poems: data/poems.jsonl}`. Each target's "
+        "file of its eval rows, taken whole (null: its hub eval split, or the rows it holds out), e.g. `{fins: null, "
+        "poems: data/poems.jsonl}`, or a mapping `{path: ..., template: ..., label_words: ...}` that also shapes the "
+        "target's prompts with the format keys below (e.g. the label words of this task). Each target's "
         "first `data.test_size` eval-pool rows (all, if fewer) are scored as `ood/<name>` (the ICL baseline with "
         "demos from this task and the query from the target); training and model selection never see them. The "
         "paper's pairs: `ia2ray.data.benchmarks.OOD_PAIRS`.")
@@ -65,37 +130,16 @@ class TaskConfig(Section):
         "(`template`, `input_fields`, `label_field`, `answer_type`, `label_words`, `parser`, `hub_id`, ...; see "
         "docs), checked before anything loads.")
     # Format overrides of the task (registered or defined); each null key keeps the task's own value.
-    template: Optional[str] = Field(
-        None, description="Prompt template over the row's columns (str.format), e.g. `'Review: {sentence}\\nSentiment:'`.")
-    answer_template: Optional[str] = Field(
-        None, description="How the answer follows the query: `'{answer}'` (right after the colon, the paper's) or "
-        "`' {answer}'` (after a space).")
-    input_fields: Optional[list[str]] = Field(None, description="Row columns the template reads.")
-    label_field: Optional[str] = Field(None, description="Row column holding the label or gold answer.")
-    label_words: Optional[dict[str, str]] = Field(
-        None, description="Raw label value -> label word, e.g. `{0: negative, 1: positive}`; each must be one token "
-        "after the prompt (checked against the tokenizer before training). Values left out must be in `drop_labels`.")
-    drop_labels: Optional[list[str]] = Field(None, description="Raw label values whose rows are dropped.")
-    demo_separator: Optional[str] = Field(None, description="Between demos, and between the last demo and the query.")
-    stop_strings: Optional[list[str]] = Field(None, description="Decoding of generated answers stops on these.")
-
-    @field_validator("label_words", "drop_labels", mode="before")
-    @classmethod
-    def _labels_as_str(cls, value: Any) -> Any:
-        """YAML writes `{0: negative}` and `[1]`: raw label values compare as strings (`label_key`)."""
-        if isinstance(value, dict):
-            return {label_key(k): v for k, v in value.items()}
-        if isinstance(value, list):
-            return [label_key(v) for v in value]
-        return value
-
-    def format_overrides(self) -> dict[str, Any]:
-        """The format keys this config sets (`FORMAT_KEYS` of `ia2ray.data.tasks`)."""
-        return {k: getattr(self, k) for k in TASK_FORMAT_KEYS if getattr(self, k) is not None}
+    template: Template = None
+    answer_template: AnswerTemplate = None
+    input_fields: InputFields = None
+    label_field: LabelField = None
+    label_words: LabelWords = None
+    drop_labels: DropLabels = None
+    demo_separator: DemoSeparator = None
+    stop_strings: StopStrings = None
 
 
-TASK_FORMAT_KEYS = ("template", "answer_template", "input_fields", "label_field", "label_words", "drop_labels",
-                    "demo_separator", "stop_strings")
 
 
 class DataConfig(Section):

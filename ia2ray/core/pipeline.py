@@ -15,7 +15,7 @@ from typing import Callable, Optional
 from transformers import AutoConfig, AutoTokenizer
 
 from ia2ray.config.load import ConfigError
-from ia2ray.config.schema import RunConfig
+from ia2ray.config.schema import OodTarget, RunConfig, format_overrides
 from ia2ray.core.batches import TrainItem
 from ia2ray.core.cache import ActivationCache, cache_root, fetch_entry, publish_entry
 from ia2ray.core.capture import capture_icl_activations
@@ -72,31 +72,39 @@ def ood_split(name: str) -> str:
 
 def prepare_data(cfg: RunConfig) -> RunData:
     """Task spec, rows, N-shot splits and ICL demo draws; raises DataError/ValueError before any
-    model loads."""
-    spec = resolve_task(cfg.task.name, cfg.task.format_overrides(), cfg.task.define)
+    model loads (every task shape, the out-of-domain targets' too, before any rows load)."""
+    spec = resolve_task(cfg.task.name, format_overrides(cfg.task), cfg.task.define)
+    targets = {name: ood_spec(spec, name, ood) for name, ood in cfg.task.ood.items()}
     train_rows, eval_rows = load_pools(spec, cfg.data.train_pool, cfg.data.eval_pool, cfg.task.path, cfg.task.eval_path)
     splits = make_splits(train_rows, eval_rows, cfg.data.n, cfg.data.seed, cfg.data.val_size, cfg.data.test_size)
     draws = []
     if cfg.eval.icl_baseline:
         draws = icl_demo_draws(splits, max(cfg.data.n - 1, 0), cfg.eval.icl_draws, cfg.data.seed)
-    return RunData(spec, splits, draws, {name: ood_rows(cfg, spec, name, path) for name, path in cfg.task.ood.items()})
+    ood = {name: (target, ood_rows(cfg, target, name, cfg.task.ood[name].path)) for name, target in targets.items()}
+    return RunData(spec, splits, draws, ood)
 
 
-def ood_rows(cfg: RunConfig, source: TaskSpec, name: str, path: Optional[str]) -> tuple[TaskSpec, list[Example]]:
-    """An out-of-domain target's spec and its first `data.test_size` eval-pool rows (all of them when
-    there are fewer: the paper scores PoemS on its 288 positive and negative rows)."""
+def ood_spec(source: TaskSpec, name: str, ood: OodTarget) -> TaskSpec:
+    """An out-of-domain target's spec, its format keys applied; errors name `task.ood.<name>`."""
     try:
-        target = get_task(name)
+        get_task(name)
     except KeyError as exc:
         raise ValueError(f"task.ood.{name}: {exc.args[0]}") from None
+    target = resolve_task(name, format_overrides(ood), where=f"task.ood.{name}")
     if target.answer_type != source.answer_type:
         raise ValueError(f"task.ood.{name}: a {target.answer_type} task cannot be an out-of-domain target of "
                          f"{source.name!r}, a {source.answer_type} task")
+    return target
+
+
+def ood_rows(cfg: RunConfig, target: TaskSpec, name: str, path: Optional[str]) -> list[Example]:
+    """An out-of-domain target's first `data.test_size` eval-pool rows (all of them when there are
+    fewer: the paper scores PoemS on its 288 positive and negative rows)."""
     rows = eval_pool(target, cfg.data.eval_pool, path)
     if not rows:
         raise ValueError(f"task.ood.{name}: no usable rows in {path or target.hub_id} (every row's label is one the "
                          "task leaves out)")
-    return target, rows[: cfg.data.test_size]
+    return rows[: cfg.data.test_size]
 
 
 def eval_sets(data: RunData, splits: tuple[str, ...]) -> list[tuple[str, TaskSpec, list[Example]]]:

@@ -193,10 +193,12 @@ FORMAT_KEYS = ("template", "answer_template", "input_fields", "label_field", "la
                "demo_separator", "stop_strings")
 
 
-def resolve_task(name: str, overrides: dict[str, Any] | None = None, define: dict[str, Any] | None = None) -> TaskSpec:
+def resolve_task(name: str, overrides: dict[str, Any] | None = None, define: dict[str, Any] | None = None,
+                 where: str = "task") -> TaskSpec:
     """The task a config asks for: the registered spec ``name`` with ``overrides`` (keys of
     ``FORMAT_KEYS``) applied, or, with ``define``, a new spec called ``name`` built from those
-    ``TaskSpec`` fields (``overrides`` then apply on top). Errors name the config key (``task.<key>``)."""
+    ``TaskSpec`` fields (``overrides`` then apply on top). Errors name the config key: ``task.<key>``,
+    or ``<where>.<key>`` for the overrides of an out-of-domain target (``where="task.ood.fins"``)."""
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     if define is not None:
         if name in _REGISTRY:
@@ -205,19 +207,18 @@ def resolve_task(name: str, overrides: dict[str, Any] | None = None, define: dic
         if "name" in define:
             raise ValueError("task.define.name: the new task's name is task.name; drop the key")
         fields = {"name": name, **define, **overrides}
-        where = "task.define"
+        where = f"{where}.define"
     else:
         try:
             base = get_task(name)
         except KeyError as exc:
-            raise ValueError(f"task.name: {exc.args[0]} (declare a new task with task.define)") from None
+            raise ValueError(f"{where}.name: {exc.args[0]} (declare a new task with task.define)") from None
         if not overrides:
             return base
         fields = {**base.model_dump(), **overrides}
         # a new label set replaces the old one: old label values are no longer "known but left out"
         if "label_words" in overrides and "drop_labels" not in overrides:
             fields["drop_labels"] = [v for v in base.drop_labels if str(v) not in {str(k) for k in overrides["label_words"]}]
-        where = "task"
     try:
         return TaskSpec(**fields)
     except ValueError as exc:  # pydantic's ValidationError is a ValueError

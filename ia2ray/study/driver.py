@@ -172,7 +172,11 @@ def prepare_study(config: Optional[str], overrides: list[str], storage: Optional
     tree = base.model_dump(mode="json")
     tree["model"]["path"] = _absolute(tree["model"]["path"])  # trials run in other working directories
     tree["task"]["path"], tree["task"]["eval_path"] = _absolute(tree["task"]["path"]), _absolute(tree["task"]["eval_path"])
-    tree["task"]["ood"] = {name: _absolute(path) for name, path in tree["task"]["ood"].items()}
+    for name, ood in tree["task"]["ood"].items():  # a path, or a mapping with its path and format keys
+        if isinstance(ood, dict):
+            ood["path"] = _absolute(ood["path"])
+        else:
+            tree["task"]["ood"][name] = _absolute(ood)
     tree["capture"]["cache_dir"] = join(location, "activations")  # in the bucket for a bucket study
     tree["train"]["storage"] = join(location, "train")
     base = RunConfig.model_validate(tree)
