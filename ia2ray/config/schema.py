@@ -140,8 +140,6 @@ class TaskConfig(Section):
     stop_strings: StopStrings = None
 
 
-
-
 class DataConfig(Section):
     n: int = Field(8, ge=1, description="N: number of training examples (each is prompted with the other N-1 as demos).")
     seed: int = Field(0, description="Seed of the N-shot subset (the paper uses 5 seeds per N).")

@@ -172,11 +172,8 @@ def prepare_study(config: Optional[str], overrides: list[str], storage: Optional
     tree = base.model_dump(mode="json")
     tree["model"]["path"] = _absolute(tree["model"]["path"])  # trials run in other working directories
     tree["task"]["path"], tree["task"]["eval_path"] = _absolute(tree["task"]["path"]), _absolute(tree["task"]["eval_path"])
-    for name, ood in tree["task"]["ood"].items():  # a path, or a mapping with its path and format keys
-        if isinstance(ood, dict):
-            ood["path"] = _absolute(ood["path"])
-        else:
-            tree["task"]["ood"][name] = _absolute(ood)
+    tree["task"]["ood"] = {name: target.model_copy(update={"path": _absolute(target.path)}).model_dump(mode="json")
+                           for name, target in base.task.ood.items()}
     tree["capture"]["cache_dir"] = join(location, "activations")  # in the bucket for a bucket study
     tree["train"]["storage"] = join(location, "train")
     base = RunConfig.model_validate(tree)
