@@ -10,7 +10,8 @@ demo draws) comes from the same split. As in the paper, the best rate is chosen 
 but by mean VALIDATION accuracy (the paper picked it on test). Reports test accuracy and ECE
 (mean and std over seeds) at the chosen rate, the paired per-seed difference of IA2 -> SFT against
 SFT only and against ICL (mean, bootstrap 95% interval, paired t-test p), and writes every run's
-metrics to the JSON file.
+metrics to the JSON file. With out-of-domain targets (`--set task.ood.fins=...`), the same tables are
+made for each target (key `ood` of the file), at the rates chosen on the in-domain validation split.
 
 The JSON file is rewritten after each (N, seed): run the same command again after an interruption
 and it continues with the splits that are missing (a different task, model, grid or --set starts
@@ -46,13 +47,20 @@ def one_split(task: str, n: int, seed: int, lrs: list[float], overrides: list[st
                                          f"pipeline={method}", f"lr.align={lr}", f"lr.sft={lr}",
                                          f"eval.icl_baseline={'true' if first else 'false'}", *overrides])
             summary = run_pipeline(cfg, progress=False).summary
+            splits = ("val", "test", *(key for key in summary if key.startswith("ood/")))
             if first:
-                out["icl"] = {split: {k: summary["icl"][split][k] for k in ("acc", "ece")} for split in ("val", "test")}
+                out["icl"] = {split: {k: summary["icl"][split][k] for k in ("acc", "ece")} for split in splits}
             out.setdefault(method, {})[str(lr)] = {
-                **{split: {k: summary[split][k] for k in ("acc", "ece")} for split in ("val", "test")},
+                **{split: {k: summary[split][k] for k in ("acc", "ece")} for split in splits},
                 "stages": summary["stages"],
             }
     return out
+
+
+def held_out_splits(results: dict) -> list[str]:
+    """The splits scored on held-out rows: `test`, then each `ood/<target>` (out of domain)."""
+    runs = [r for n_runs in results.values() for r in n_runs]
+    return ["test", *sorted({key for r in runs for key in r["icl"] if key.startswith("ood/")})]
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -70,31 +78,31 @@ def picked(runs: list[dict], method: str, lr: str | None, split: str, key: str) 
     return [r["icl"][split][key] if lr is None else r[method][lr][split][key] for r in runs]
 
 
-def table(results: dict, ns: list[int]) -> tuple[str, dict]:
-    """Markdown table of test metrics (ICL, and each method at its chosen rate) and the chosen rates."""
-    rows = ["| N | seeds | method | lr (chosen on val) | test acc (mean ± std) | test ECE (mean ± std) |",
+def choose(results: dict, ns: list[int]) -> dict:
+    """Per N (that has runs): each method's rate, chosen on validation."""
+    return {str(n): {m: choose_lr(results[str(n)], m) for m in METHODS} for n in ns if results.get(str(n))}
+
+
+def table(results: dict, chosen: dict, split: str = "test") -> str:
+    """Markdown table of one split's metrics: ICL, and each method at its chosen rate."""
+    rows = [f"| N | seeds | method | lr (chosen on val) | {split} acc (mean ± std) | {split} ECE (mean ± std) |",
             "|---|---|---|---|---|---|"]
-    chosen: dict = {}
-    for n in ns:
-        runs = results.get(str(n), [])
-        if not runs:
-            continue
-        picks = {"icl": None, **{m: choose_lr(runs, m) for m in METHODS}}
-        chosen[str(n)] = {m: lr for m, lr in picks.items() if lr}
-        for method, lr in picks.items():
-            acc = mean_std(picked(runs, method, lr, "test", "acc"))
-            ece = mean_std(picked(runs, method, lr, "test", "ece"))
+    for n, picks in chosen.items():
+        runs = results[n]
+        for method, lr in {"icl": None, **picks}.items():
+            acc = mean_std(picked(runs, method, lr, split, "acc"))
+            ece = mean_std(picked(runs, method, lr, split, "ece"))
             rows.append(f"| {n} | {len(runs)} | {method} | {lr or '-'} | {acc[0]:.3f} ± {acc[1]:.3f} | "
                         f"{ece[0]:.3f} ± {ece[1]:.3f} |")
-    return "\n".join(rows), chosen
+    return "\n".join(rows)
 
 
 PAIRS = (("ia2->sft", "sft"), ("ia2->sft", "icl"), ("ia2", "icl"), ("sft", "icl"))
 
 
-def paired_table(results: dict, chosen: dict) -> tuple[str, dict]:
-    """Per N: the paired per-seed test differences (a - b) at each method's chosen rate."""
-    rows = ["| N | a - b | Δ test acc [95% CI] | p | verdict | Δ test ECE [95% CI] | p | verdict |",
+def paired_table(results: dict, chosen: dict, split: str = "test") -> tuple[str, dict]:
+    """Per N: the paired per-seed differences (a - b) on one split at each method's chosen rate."""
+    rows = [f"| N | a - b | Δ {split} acc [95% CI] | p | verdict | Δ {split} ECE [95% CI] | p | verdict |",
             "|---|---|---|---|---|---|---|---|"]
     out: dict = {}
     for n, picks in chosen.items():
@@ -102,7 +110,7 @@ def paired_table(results: dict, chosen: dict) -> tuple[str, dict]:
         for a, b in PAIRS:
             cells, stats = [], {}
             for key, higher in (("acc", True), ("ece", False)):
-                r = paired(picked(runs, a, picks.get(a), "test", key), picked(runs, b, picks.get(b), "test", key),
+                r = paired(picked(runs, a, picks.get(a), split, key), picked(runs, b, picks.get(b), split, key),
                            higher_is_better=higher)
                 stats[key] = r.as_dict()
                 cells += [f"{r.mean:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}]", f"{r.p_value:.3f}", r.verdict]
@@ -140,11 +148,15 @@ def main() -> None:
     started = time.time()
 
     def write(complete: bool) -> dict:
-        md, chosen = table(results, args.n)
+        chosen = choose(results, args.n)
         pmd, diffs = paired_table(results, chosen)
         report = {"command": "python " + " ".join(sys.argv), **setup, "complete": complete,
                   "wall_s": round(previous_s + time.time() - started, 1), "chosen_lr": chosen,
-                  "paired": diffs, "results": results, "table": md, "paired_table": pmd}
+                  "paired": diffs, "results": results, "table": table(results, chosen), "paired_table": pmd}
+        for split in held_out_splits(results)[1:]:  # out-of-domain targets, at the rates chosen in domain
+            ood_pmd, ood_diffs = paired_table(results, chosen, split)
+            report.setdefault("ood", {})[split] = {"paired": ood_diffs, "table": table(results, chosen, split),
+                                                   "paired_table": ood_pmd}
         write_json_atomic(out, report)
         return report
 
@@ -158,7 +170,8 @@ def main() -> None:
                 flush=True)
             write(complete=False)
     report = write(complete=True)
-    print(report["table"], report["paired_table"], sep="\n\n")
+    print(report["table"], report["paired_table"], *(t for o in report.get("ood", {}).values()
+                                                     for t in (o["table"], o["paired_table"])), sep="\n\n")
     print(f"wrote {out} in {report['wall_s']} s")
 
 

@@ -102,7 +102,7 @@ def test_compare_continues_where_an_earlier_run_stopped(tmp_path):
     out = tmp_path / "compare.json"
     cmd = [sys.executable, str(ROOT / "bench" / "compare_testbed.py"), "--n", "4", "--lrs", "1e-2", "--out", str(out),
            "--set", "data.val_size=16", "--set", "data.test_size=16", "--set", "train.max_epochs=2",
-           "--set", "eval.icl_draws=1"]
+           "--set", "eval.icl_draws=1", "--set", "task.ood={testbed/map3: null}"]
 
     def run(*extra: str) -> str:
         res = subprocess.run(cmd + list(extra), capture_output=True, text=True, timeout=600)
@@ -123,6 +123,10 @@ def test_compare_continues_where_an_earlier_run_stopped(tmp_path):
     assert diff["n"] == 2 and diff["mean"] == pytest.approx(
         sum(r["ia2->sft"]["0.01"]["test"]["acc"] - r["sft"]["0.01"]["test"]["acc"] for r in runs) / 2)
     assert "| 4 | 2 | ia2->sft | 0.01 |" in two["table"] and "ia2->sft - sft" in two["paired_table"]
+    ood = two["ood"]["ood/testbed/map3"]  # the out-of-domain target gets the same tables, at the in-domain rates
+    assert "| 4 | 2 | ia2->sft | 0.01 |" in ood["table"] and "Δ ood/testbed/map3 acc" in ood["paired_table"]
+    assert ood["paired"]["4"]["ia2->sft - icl"]["ece"]["mean"] == pytest.approx(
+        sum(r["ia2->sft"]["0.01"]["ood/testbed/map3"]["ece"] - r["icl"]["ood/testbed/map3"]["ece"] for r in runs) / 2)
 
     third = run("--seeds", "1", "--set", "eval.batch_size=8")  # another setup: not mixed with the file's splits
     assert "different setup; starting afresh" in third and "N=4 seed=0" in third
