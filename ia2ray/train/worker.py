@@ -1,10 +1,10 @@
 """The per-worker loop of a Ray Train run: the stages of one pipeline, each on a DeepSpeed engine.
 
 Every rank runs this function. For each stage it builds the model, puts the stage's starting adapter
-in it, wraps it in a DeepSpeed engine with a fresh torch Adam (ZeRO stage from the config) and trains
-like the single-process loop of `ia2ray.core.stages`: the same global batches in the same order, dev
-loss every `eval_every` steps and at epoch ends, early stopping, and the best adapter carried to the
-next stage. Each global batch is split across ranks in a world-size-independent way (rank r takes
+in it, wraps it in a DeepSpeed engine with a fresh torch Adam (ZeRO stage from the config) and runs
+the one stage loop of `ia2ray.core.stages` on it (`WorkerEngine`): the same global batches in the
+same order as in one process, dev loss every `eval_every` steps and at epoch ends, early stopping,
+and the best adapter carried to the next stage; checkpoints and Ray Train reports hang on its hooks. Each global batch is split across ranks in a world-size-independent way (rank r takes
 slots r, r+W, ...), and each rank's loss is weighted so the summed gradient equals the gradient of
 the mean loss over the real examples of the batch: 1 worker and W workers take the same steps.
 
@@ -33,12 +33,14 @@ from ia2ray.core.model import add_lora, load_model, load_trainable_state
 from ia2ray.core.objective import StageObjective, stage_loss
 from ia2ray.core.stages import (
     EarlyStopping,
+    LoopState,
     NonFiniteLossError,
+    Position,
     StageResult,
     StageSettings,
-    batches,
     is_out_of_memory,
     out_of_memory,
+    stage_loop,
 )
 from ia2ray.fileio import require_visible
 from ia2ray.mirror import is_remote
@@ -89,15 +91,6 @@ class TrainJob:
 
 
 @dataclass
-class Position:
-    """Where a stage stands: `step` optimiser steps done; next batch `batch` of epoch `epoch`."""
-
-    epoch: int = 0
-    batch: int = 0
-    step: int = 0
-
-
-@dataclass
 class WorkerContext:
     rank: int
     world: int
@@ -111,12 +104,11 @@ class WorkerContext:
     node_id: Optional[str] = None  # the Ray node this worker runs on
 
 
-def record(result: StageResult, entry: dict, wc: WorkerContext) -> None:
-    """Append a history entry; rank 0 also logs it to the trial's MLflow run (buffered, best effort:
-    the trial driver logs the whole history again at the end and fills any gap)."""
-    result.history.append(entry)
+def record(stage: str, entry: dict, wc: WorkerContext) -> None:
+    """After a history entry: rank 0 logs it to the trial's MLflow run (buffered, best effort: the
+    trial driver logs the whole history again at the end and fills any gap)."""
     if wc.live is not None:
-        wc.live.log_metrics(step_metrics(result.name, entry))
+        wc.live.log_metrics(step_metrics(stage, entry))
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -191,82 +183,60 @@ def run_stage(job: TrainJob, index: int, teacher: dict, adapter: Optional[dict],
     del model, optimizer
     clock["engine_ready"] = time.perf_counter()
 
-    result, pos, stopper = StageResult(name), Position(), EarlyStopping(s.patience)
+    state = None
     if resume:
         load_optimizer_state(engine, resume["moments"], resume["adam_step"])
-        pos = Position(**resume["position"])
-        result = StageResult(**resume["result"])
-        stopper = EarlyStopping(s.patience, **resume["stopper"])
+        state = LoopState(StageResult(**resume["result"]), EarlyStopping(s.patience, **resume["stopper"]),
+                          Position(**resume["position"]))
         if wc.resumed_rng is not None:
             ckpt.set_rng_state(wc.resumed_rng)
     train_items = [_item(r, teacher) for r in spec.train]
     dev_shard = [_item(r, teacher) for r in spec.dev[wc.rank :: wc.world]]
     dev_batches = math.ceil(math.ceil(len(spec.dev) / wc.world) / s.batch_size)  # same count on every rank
+    stage = WorkerEngine(engine, geo, objective, job.pad_id, wc, name, s.batch_size, dev_shard, dev_batches,
+                         train_items[0])
 
-    def check(step: int) -> bool:
-        loss = _dev_loss(engine, dev_shard, dev_batches, s.batch_size, objective, job.pad_id, wc, train_items[0])
-        if not math.isfinite(loss):
-            raise NonFiniteLossError(f"stage {name}: dev loss is {loss} at step {step}")
-        record(result, {"step": step, "dev_loss": loss}, wc)
-        return stopper.update(loss, step, lambda: adapter_state(engine))
-
-    def save(final: bool, stage_done: bool, metrics: dict) -> None:
+    def save(state: LoopState, final: bool, stage_done: bool, metrics: dict) -> None:
+        pos, stopper = state.position, state.stopper
         moments = {} if stage_done else optimizer_state(engine)
-        state = {
+        ckpt_state = {
             "format": ckpt.FORMAT, "fingerprint": job.fingerprint, "world_size": wc.world,
             "stage_index": index + 1 if stage_done else index,
             "position": None if stage_done else pos.__dict__.copy(),
             "adapter": stopper.best_state if stage_done else adapter_state(engine),
             "moments": moments, "adam_step": 0 if stage_done else optimizer_step(engine),
             "stopper": None if stage_done else {k: getattr(stopper, k) for k in ("best", "best_step", "bad_checks", "best_state")},
-            "result": None if stage_done else result.__dict__.copy(),
+            "result": None if stage_done else state.result.__dict__.copy(),
             "finished": wc.finished, "done": final,
         }
-        _report(state, metrics, final, wc, job, engine if final else None,
+        _report(ckpt_state, metrics, final, wc, job, engine if final else None,
                 ckpt.checkpoint_name(job.stage_offset + index, name, None if stage_done else pos.step))
         if job.crash_after == (name, pos.step) and not stage_done:
             log.warning("fault injection: worker exits after the checkpoint of step %d", pos.step)
             os._exit(1)
 
-    def fields(step: int, **extra) -> dict:
+    def fields(state: LoopState, **extra) -> dict:
         """What a report carries (Tune and the Train callbacks see these; all ranks send the same)."""
-        return {"stage": name, "step": step, "best_dev_loss": stopper.best, **extra}
+        return {"stage": name, "step": state.position.step, "best_dev_loss": state.stopper.best, **extra}
 
-    def report_check(step: int, **extra) -> None:
+    def report_check(state: LoopState, **extra) -> None:
         """After a dev check: a metrics-only report on every `train.report_every`-th check of the stage
         (counted from the history, which a resume restores)."""
-        done = sum(1 for h in result.history if "dev_loss" in h)
+        done = sum(1 for h in state.result.history if "dev_loss" in h)
         if job.train.report_every and done % job.train.report_every == 0:
-            _report_metrics(fields(step, **extra))
+            _report_metrics(fields(state, **extra))
 
-    if not resume:
-        check(0)
-        report_check(0, dev_loss=stopper.best)
-    engine.train()
-    gen = torch.Generator().manual_seed(s.seed)
-    for epoch in range(s.max_epochs):
-        order = torch.randperm(len(train_items), generator=gen)  # drawn every epoch: a resume replays them
-        if epoch < pos.epoch or result.stopped_early:
-            continue
-        result.epochs = epoch + 1
-        chunks = list(batches(train_items, s.batch_size, order))
-        for i in range(pos.batch if epoch == pos.epoch else 0, len(chunks)):
-            loss = _train_step(engine, chunks[i], geo, objective, job.pad_id, wc, f"stage {name}", pos.step + 1,
-                               s.batch_size)
-            pos = Position(epoch, i + 1, pos.step + 1)
-            record(result, {"step": pos.step, "train_loss": loss}, wc)
-            checked = pos.step % s.eval_every == 0 or i == len(chunks) - 1  # the reference checks at epoch ends too
-            if checked and check(pos.step):
-                result.stopped_early = True
-                break
-            dev = {"dev_loss": result.history[-1]["dev_loss"]} if checked else {}
-            if job.train.checkpoint_every and pos.step % job.train.checkpoint_every == 0:
-                save(False, False, fields(pos.step, train_loss=loss, **dev))
-            elif checked:
-                report_check(pos.step, train_loss=loss, **dev)
-        pos = Position(epoch + 1, 0, pos.step)
-    result.steps = pos.step
-    result.best_step, result.best_dev_loss = stopper.best_step, stopper.best
+    def after_step(state: LoopState, entry: dict, checked: bool) -> None:
+        extra = {k: entry[k] for k in ("train_loss", "dev_loss") if k in entry}
+        if job.train.checkpoint_every and state.position.step % job.train.checkpoint_every == 0:
+            save(state, False, False, fields(state, **extra))
+        elif checked:
+            report_check(state, **extra)
+
+    state = stage_loop(name, s, train_items, stage, state, on_record=lambda entry: record(name, entry, wc),
+                       after_check=lambda state, entry: report_check(state, dev_loss=entry["dev_loss"]),
+                       after_step=after_step)
+    result, stopper = state.result, state.stopper
     clock["trained"] = time.perf_counter()
     timings = {"load_model_s": clock["model_loaded"] - clock["start"],
                "deepspeed_init_s": clock["engine_ready"] - clock["model_loaded"],
@@ -278,7 +248,7 @@ def run_stage(job: TrainJob, index: int, teacher: dict, adapter: Optional[dict],
                         "placement": placement})
     best = stopper.best_state
     final = index == len(job.stages) - 1
-    save(final, True, fields(pos.step, stage_done=True))
+    save(state, final, True, fields(state, stage_done=True))
     engine.destroy()  # frees DeepSpeed's buffers and hooks; the next stage builds its own engine
     if wc.on_gpu:
         torch.cuda.empty_cache()
@@ -295,6 +265,39 @@ def _rss_mb() -> float:
 def _item(ref: ItemRef, teacher: dict) -> TrainItem:
     acts = teacher[ref.record].activations if ref.record is not None else None
     return TrainItem(ref.query_ids, ref.target_ids, acts)
+
+
+@dataclass
+class WorkerEngine:
+    """`ia2ray.core.stages.StageEngine` on a DeepSpeed engine: this rank's share of each global batch
+    and of the dev set; losses are all-reduced, so every rank sees the same numbers."""
+
+    engine: object  # deepspeed.DeepSpeedEngine
+    geo: object  # dsconfig.BatchGeometry
+    objective: StageObjective
+    pad_id: int
+    wc: WorkerContext
+    name: str
+    batch_size: int
+    dev_shard: list[TrainItem]
+    dev_batches: int
+    pad_item: TrainItem
+
+    def train_step(self, chunk: list[TrainItem], step: int) -> float:
+        return _train_step(self.engine, chunk, self.geo, self.objective, self.pad_id, self.wc, f"stage {self.name}",
+                           step, self.batch_size)
+
+    def dev_loss(self) -> float:
+        return _dev_loss(self.engine, self.dev_shard, self.dev_batches, self.batch_size, self.objective, self.pad_id,
+                         self.wc, self.pad_item)
+
+    def adapter(self) -> dict:
+        from ia2ray.train.state import adapter_state
+
+        return adapter_state(self.engine)
+
+    def train(self) -> None:
+        self.engine.train()
 
 
 def _train_step(engine, chunk: list[TrainItem], geo, objective, pad_id: int, wc: WorkerContext,
