@@ -57,10 +57,9 @@ def one_split(task: str, n: int, seed: int, lrs: list[float], overrides: list[st
     return out
 
 
-def held_out_splits(results: dict) -> list[str]:
-    """The splits scored on held-out rows: `test`, then each `ood/<target>` (out of domain)."""
-    runs = [r for n_runs in results.values() for r in n_runs]
-    return ["test", *sorted({key for r in runs for key in r["icl"] if key.startswith("ood/")})]
+def ood_splits(results: dict) -> list[str]:
+    """The out-of-domain splits (`ood/<target>`) the runs were scored on."""
+    return sorted({key for runs in results.values() for r in runs for key in r["icl"] if key.startswith("ood/")})
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -153,7 +152,7 @@ def main() -> None:
         report = {"command": "python " + " ".join(sys.argv), **setup, "complete": complete,
                   "wall_s": round(previous_s + time.time() - started, 1), "chosen_lr": chosen,
                   "paired": diffs, "results": results, "table": table(results, chosen), "paired_table": pmd}
-        for split in held_out_splits(results)[1:]:  # out-of-domain targets, at the rates chosen in domain
+        for split in ood_splits(results):  # at the rates chosen in domain
             ood_pmd, ood_diffs = paired_table(results, chosen, split)
             report.setdefault("ood", {})[split] = {"paired": ood_diffs, "table": table(results, chosen, split),
                                                    "paired_table": ood_pmd}

@@ -124,7 +124,7 @@ class StageEngine(Protocol):
         """One optimiser step on the global batch `chunk` (step number `step`); its mean loss."""
 
     def dev_loss(self) -> float:
-        """Mean loss over the whole dev set (leaves the model in training mode)."""
+        """Mean loss over the whole dev set; a check between training steps leaves the model training."""
 
     def adapter(self) -> dict:
         """A copy of the trainable state (the adapter) as it is now."""

@@ -4,9 +4,10 @@ Every rank runs this function. For each stage it builds the model, puts the stag
 in it, wraps it in a DeepSpeed engine with a fresh torch Adam (ZeRO stage from the config) and runs
 the one stage loop of `ia2ray.core.stages` on it (`WorkerEngine`): the same global batches in the
 same order as in one process, dev loss every `eval_every` steps and at epoch ends, early stopping,
-and the best adapter carried to the next stage; checkpoints and Ray Train reports hang on its hooks. Each global batch is split across ranks in a world-size-independent way (rank r takes
-slots r, r+W, ...), and each rank's loss is weighted so the summed gradient equals the gradient of
-the mean loss over the real examples of the batch: 1 worker and W workers take the same steps.
+and the best adapter carried to the next stage; checkpoints and Ray Train reports hang on its hooks.
+Each global batch is split across ranks in a world-size-independent way (rank r takes slots r, r+W,
+...), and each rank's loss is weighted so the summed gradient equals the gradient of the mean loss
+over the real examples of the batch: 1 worker and W workers take the same steps.
 
 Checkpoints (every `checkpoint_every` steps and at each stage end) hold the consolidated state, so a
 run resumes at any worker count (see `ia2ray.train.checkpoint`).
