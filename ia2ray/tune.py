@@ -47,6 +47,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     hf_logging.disable_progress_bar()
     from ia2ray.study.driver import dry_run_lines, local_resources, prepare_study, run_study
+    from ia2ray.core.model import weight_bytes
     from ia2ray.study.plan import plan_trials
     from ia2ray.tracking import TrackingError
 
@@ -56,7 +57,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.dry_run:
-        plan = plan_trials(prepared.study, prepared.base, local_resources())
+        plan = plan_trials(prepared.study, prepared.base, local_resources(), weight_bytes(prepared.base.model))
         print("\n".join(dry_run_lines(prepared, plan, "estimated from this machine; a cluster's own resources "
                                       "decide at start")))
         return 0

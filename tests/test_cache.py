@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import shutil
+import time
 
 import pytest
 import torch
@@ -319,6 +320,7 @@ def test_fingerprint_model(tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(model, copy)
     assert fingerprint_model(str(copy), None) == fp  # content-addressed, not path-addressed
+    time.sleep(0.05)  # a new modification time: the per-process memo keys on it (see the next test)
     weights.write_bytes(b"\x00" * 99 + b"\x01")  # same size, one byte differs
     assert fingerprint_model(str(model), None) != fp
     (copy / "config.json").write_text('{"hidden_size": 65}')
@@ -328,6 +330,25 @@ def test_fingerprint_model(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no config or weight files"):
         fingerprint_model(str(tmp_path / "empty"), None)
+
+
+def test_fingerprint_model_hashes_weights_once_per_process_while_they_are_unchanged(tmp_path, monkeypatch):
+    from ia2ray.core import fingerprint
+
+    reads = []
+    real = fingerprint.file_sha256
+    monkeypatch.setattr(fingerprint, "file_sha256", lambda p: reads.append(p.name) or real(p))
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    weights = model / "model.safetensors"
+    weights.write_bytes(b"\x00" * 10)
+    fp = fingerprint_model(str(model), None)
+    assert fingerprint_model(str(model), None) == fp and sorted(reads) == ["config.json", "model.safetensors"]
+    stat = weights.stat()
+    weights.write_bytes(b"\x01" * 10)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert fingerprint_model(str(model), None) != fp and len(reads) == 4
 
 
 def _word_tokenizer(words=("a", "b", "c"), eos="<eos>"):

@@ -172,3 +172,41 @@ def test_cli_exits_2_on_model_dependent_errors_and_too_small_icl_pool(tmp_path):
                    "--set", f"output.dir={tmp_path}/out", cwd=tmp_path)
     assert res.returncode == 2 and "ICL pool too small" in res.stderr
     assert not (tmp_path / "out").exists()
+
+
+def _untimed(summary: dict) -> dict:
+    """A summary without what depends on the clock or on whether weights were read."""
+    out = {k: v for k, v in summary.items() if k not in ("timings", "model_loads")}
+    out["stages"] = [{k: v for k, v in st.items() if k not in ("seconds", "timings")} for st in summary["stages"]]
+    return out
+
+
+def test_a_warm_run_on_a_kept_model_equals_a_cold_one(tmp_path, monkeypatch):
+    """`keep_model` (a warm Tune trial actor): after runs with another adapter shape and a run that
+    failed mid-stage, the kept base model gives exactly the adapter and metrics of a fresh load."""
+    import torch
+
+    from ia2ray.core import model as model_mod
+    from ia2ray.core.model import trainable_state
+    from ia2ray.core.stages import NonFiniteLossError
+
+    monkeypatch.setattr(model_mod, "_kept", None)  # this test's kept model goes when it ends
+    cfg = _cfg(tmp_path, "pipeline=ia2->sft")
+    cold = run_pipeline(cfg, progress=False)
+    assert cold.summary["model_loads"] == 1
+    other = run_pipeline(_cfg(tmp_path, "pipeline=sft", "lora.rank=4", "lora.targets=[q_proj, v_proj]", "eval.icl_baseline=false"),
+                         progress=False, keep_model=True)
+    assert other.summary["model_loads"] == 1
+    with pytest.raises(NonFiniteLossError):
+        run_pipeline(_cfg(tmp_path, "pipeline=ia2", "lr.align=1e30", "eval.icl_baseline=false"), progress=False,
+                     keep_model=True)
+    warm = run_pipeline(cfg, progress=False, keep_model=True)
+    assert warm.summary["model_loads"] == 0
+    assert warm.model.get_base_model() is other.model.get_base_model()  # the same weights in memory
+    assert _untimed(warm.summary) == _untimed(cold.summary) and warm.history == cold.history
+    a, b = trainable_state(cold.model), trainable_state(warm.model)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # another model config replaces the kept model
+    qwen3 = _cfg(tmp_path, "pipeline=sft", "model.path=builtin:tiny-qwen3", "task.name=toy/polarity",
+                 "eval.icl_baseline=false")
+    assert run_pipeline(qwen3, progress=False, keep_model=True).summary["model_loads"] == 1

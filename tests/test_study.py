@@ -4,6 +4,7 @@ Pareto front read from Optuna, and the report's arithmetic."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,8 @@ def test_dry_run_prints_space_trials_and_resources_and_writes_nothing(tmp_path, 
     out = capsys.readouterr().out
     assert "trials: 5" in out and "align.layers: choice" in out and 'lr.align: loguniform' in out
     assert "Ray Train workers: 1 x (CPU=1)" in out and "concurrent trials:" in out
+    assert main(["--config", str(SMOKE), "--storage", str(storage), "--set", "train.num_workers=0", "--dry-run"]) == 0
+    assert re.search(r"trial driver: CPU=1, memory=1\.\d\dGiB", capsys.readouterr().out)
     assert "teacher captures before the trials: 2" in out  # one seed x two sites
     assert f"MLflow: sqlite:///{storage / 'mlflow.db'}, experiment smoke" in out
     assert not storage.exists()
@@ -155,6 +158,31 @@ def test_trial_resources_and_concurrency(train, study, cluster, driver, per_tria
     assert {k: v for k, v in plan.driver.items()} == driver
     assert {k: v for k, v in plan.per_trial.items() if v} == per_trial
     assert plan.concurrency == concurrency
+
+
+def test_in_process_trials_reserve_the_memory_of_their_model(tiny_checkpoints):
+    """`train.num_workers: 0`: the trial holds the model, so it reserves the weights (in `model.dtype`,
+    read from the safetensors headers) plus RUNTIME_BYTES, or `study.trial_memory_gb`; memory caps the
+    concurrency like CPUs do. A driver of Train workers reserves no memory (yet)."""
+    from ia2ray.config.schema import StudyConfig, StudyFile
+    from ia2ray.core.model import load_model, weight_bytes
+    from ia2ray.study.plan import RUNTIME_BYTES
+
+    tiny_checkpoints("llama")
+    cfg = RunConfig(model={"path": "builtin:tiny-llama"}, train={"num_workers": 0})
+    n_params = sum(p.numel() for p in load_model(cfg.model)[0].parameters())
+    assert weight_bytes(cfg.model) == 4 * n_params
+    assert weight_bytes(cfg.model.model_copy(update={"dtype": "bfloat16"})) == 2 * n_params
+    assert weight_bytes(cfg.model.model_copy(update={"path": "org/not-local"})) is None
+    need = 4 * n_params + RUNTIME_BYTES
+    sf = StudyFile(train={"num_workers": 0}, study=StudyConfig(num_trials=16))
+    plan = plan_trials(sf, cfg, {"CPU": 8, "memory": 3.5 * need}, weight_bytes(cfg.model))
+    assert plan.driver == {"CPU": 1, "memory": need} and plan.concurrency == 3
+    assert "memory=" in plan.describe()[0] and "GiB" in plan.describe()[0]
+    sf = StudyFile(train={"num_workers": 0}, study=StudyConfig(num_trials=16, trial_memory_gb=0.5))
+    assert plan_trials(sf, cfg, {"CPU": 8, "memory": 2**31}, None).driver == {"CPU": 1, "memory": 2**29}
+    workers = RunConfig(train={"num_workers": 1})
+    assert "memory" not in plan_trials(StudyFile(train={"num_workers": 1}), workers, {"CPU": 8}, 10**9).driver
 
 
 def test_pareto_front_is_read_from_the_optuna_database(tmp_path):

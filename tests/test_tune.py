@@ -185,3 +185,23 @@ def test_failing_trials_are_reported_and_the_scalar_study_still_finishes(ray_clu
     assert out.err.count("warning: trial") == len(failed) and "NonFiniteLossError" in out.err
     assert "| best-1 | 0 |" in (storage / "smoke" / "report.md").read_text()
     assert not (storage / "smoke" / "pareto.png").exists()  # one objective: no Pareto plot
+
+
+def test_in_process_trials_keep_the_model_loaded_in_their_actor(ray_cluster, tmp_path):
+    """`train.num_workers=0` with one trial at a time: Tune reuses the trial actor, which reads the
+    weights for its first trial only; the confirmation (another actor) of the best config gives the
+    validation metrics its search trial gave."""
+    from ia2ray.tune import main
+
+    storage = tmp_path / "studies"
+    sets = ["train.num_workers=0", "study.max_concurrent=1", "study.confirm.baselines=[icl]"]
+    assert main(["--config", str(SMOKE), "--storage", str(storage), "--tracking-uri", "none",
+                 *[a for s in sets for a in ("--set", s)]]) == 0
+    runs = {p.parent.name: json.loads(p.read_text()) for p in (storage / "smoke" / "runs").glob("*/summary.json")}
+    search = sorted((s for s in runs.values() if s["phase"] == "search"), key=lambda s: s["trial_id"])
+    confirm = [s for s in runs.values() if s["phase"] == "confirm"]
+    assert len(search) == 3 and len(confirm) == 2
+    assert sum(s["model_loads"] for s in search) == 1 and sum(s["model_loads"] for s in confirm) == 1
+    best = next(s for s in confirm if s["label"] == "best-1")
+    found = next(s for s in search if s["params"] == best["params"])
+    assert best["val"] == found["val"]

@@ -401,6 +401,11 @@ class StudyConfig(Section):
     driver_cpus: float = Field(0.0, ge=0, description="CPUs reserved for each trial's driver (it loads the model, "
                                "launches Ray Train and evaluates); 0 leaves every CPU to Train workers. With "
                                "`train.num_workers: 0` the trial trains itself and reserves `train.cpus_per_worker`.")
+    trial_memory_gb: Optional[float] = Field(
+        None, gt=0, description="Memory (GiB) Ray reserves for each trial that trains in its own process "
+        "(`train.num_workers: 0`). Default: the model's weights in `model.dtype` plus 1 GiB for the runtime; nothing "
+        "when the weights are not local (a hub id).",
+    )
     driver_resources: dict[str, float] = Field(
         default_factory=dict, description="Custom Ray resources each trial driver needs, e.g. `{trial_driver: 1}` to "
         "keep drivers on on-demand nodes.",

@@ -34,7 +34,8 @@ def fingerprint_model(name_or_path: str, revision: str | None = None) -> str:
     """Identify model weights: a local directory by content, a hub id by ``id@revision``.
 
     For a local directory: sha256 over (relative name, size, sha256 of content) of its config and
-    weight files (top level only). ``revision`` is ignored for local directories.
+    weight files (top level only), computed once per process while the files' sizes and modification
+    times stay the same. ``revision`` is ignored for local directories.
     """
     root = Path(name_or_path).expanduser()
     if not root.is_dir():
@@ -45,8 +46,14 @@ def fingerprint_model(name_or_path: str, revision: str | None = None) -> str:
     )
     if not files:
         raise ValueError(f"{root} holds no config or weight files to fingerprint")
-    parts = [[p.name, p.stat().st_size, file_sha256(p)] for p in files]
-    return content_hash(parts)
+    stats = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    memo = (str(root.resolve()), stats)
+    if memo not in _hashed:  # hash the weights once per process while the files stay unchanged
+        _hashed[memo] = content_hash([[p.name, p.stat().st_size, file_sha256(p)] for p in files])
+    return _hashed[memo]
+
+
+_hashed: dict[tuple, str] = {}  # (folder, its files' names, sizes and mtimes) -> fingerprint_model
 
 
 def fingerprint_tokenizer(tokenizer: Any) -> str:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Optional
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
@@ -12,6 +14,7 @@ from peft import get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ia2ray.config.schema import LoraConfig, ModelConfig
+from ia2ray.core.fingerprint import content_hash
 from ia2ray.core.gguf import converted_dir, is_gguf_path
 from ia2ray.core.sites import lora_target_modules, num_layers
 from ia2ray.fileio import ia2ray_home
@@ -51,8 +54,38 @@ def model_dir(cfg: ModelConfig) -> str:
     return str(build_tiny_checkpoint(ia2ray_home() / "models" / f"tiny-{arch}", arch=arch))
 
 
-def load_model(cfg: ModelConfig, device: torch.device | str = "cpu"):
-    """Load (model, tokenizer) from a hub id or a local directory; the tokenizer always has a pad token."""
+@dataclass
+class _Kept:
+    """The base model this process keeps between runs (a warm Ray Tune trial actor)."""
+
+    key: str  # the model config and device it was loaded with
+    model: object
+    tokenizer: object
+    wrapper: object = None  # the peft model `add_lora` put around it; unloaded at the next `load_model`
+
+
+_kept: Optional[_Kept] = None
+LOADS = {"cold": 0, "warm": 0}  # load_model calls in this process that read weights / reused kept ones
+
+
+def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", keep: bool = False):
+    """Load (model, tokenizer) from a hub id or a local directory; the tokenizer always has a pad token.
+
+    With `keep`, the model stays loaded in this process and the next `keep` call with the same model
+    config and device returns it again, with the LoRA layers of the last `add_lora` removed (the base
+    weights are frozen and never merged, so it is the model a fresh load gives). One model is kept at
+    a time: a different one replaces it."""
+    global _kept
+    key = content_hash([cfg.model_dump(mode="json"), str(torch.device(device))])
+    if keep and _kept is not None and _kept.key == key:
+        if _kept.wrapper is not None:
+            _kept.wrapper.unload()  # puts the original modules back into the base model, in place
+            _kept.wrapper = None
+        _kept.model.eval()  # a run that failed mid-stage left it in training mode
+        LOADS["warm"] += 1
+        return _kept.model, _kept.tokenizer
+    if keep:
+        _kept = None  # free the old model before loading the new one
     path = model_dir(cfg)
     tokenizer = AutoTokenizer.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     if tokenizer.pad_token_id is None:
@@ -64,7 +97,30 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu"):
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    LOADS["cold"] += 1
+    if keep:
+        _kept = _Kept(key, model, tokenizer)
     return model, tokenizer
+
+
+def weight_bytes(cfg: ModelConfig) -> Optional[int]:
+    """Bytes of the model's weights once loaded in `model.dtype`, from the safetensors headers of a
+    local folder (no tensor is read); None for a hub id or a folder without safetensors files."""
+    import json
+    import math
+    import struct
+
+    path = Path(model_dir(cfg))
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
+    if not files:
+        return None
+    numel = 0
+    for f in files:
+        with open(f, "rb") as fh:
+            (size,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(size))
+        numel += sum(math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__")
+    return numel * DTYPES[cfg.dtype].itemsize
 
 
 def resolve_layers(spec: str | list[int], n_layers: int, key: str = "align.layers") -> list[int]:
@@ -94,6 +150,9 @@ def resolve_layers(spec: str | list[int], n_layers: int, key: str = "align.layer
 
 def add_lora(model, cfg: LoraConfig, seed: int = 0):
     """Wrap `model` with a fresh LoRA adapter (seeded init); only adapter weights are trainable."""
+    if _kept is not None and _kept.model is model and _kept.wrapper is not None:
+        _kept.wrapper.unload()  # one adapter at a time on the kept model
+        _kept.wrapper = None
     n = num_layers(model)
     if cfg.layers is not None:
         resolve_layers(cfg.layers, n, key="lora.layers")
@@ -108,6 +167,8 @@ def add_lora(model, cfg: LoraConfig, seed: int = 0):
     )
     torch.manual_seed(seed)
     peft_model = get_peft_model(model, peft_cfg)
+    if _kept is not None and _kept.model is model:
+        _kept.wrapper = peft_model
     return peft_model
 
 

@@ -22,7 +22,7 @@ from ia2ray.core.capture import capture_icl_activations
 from ia2ray.core.evaluate import evaluate, icl_baseline, label_token_ids
 from ia2ray.core.fingerprint import content_hash, fingerprint_model, fingerprint_tokenizer
 from ia2ray.core.generate import Generated, continuation_ids
-from ia2ray.core.model import add_lora, load_model, model_dir, resolve_device, resolve_layers
+from ia2ray.core.model import LOADS, add_lora, load_model, model_dir, resolve_device, resolve_layers
 from ia2ray.core.objective import StageObjective
 from ia2ray.core.sites import num_layers
 from ia2ray.core.stages import StageSettings, train_stage
@@ -281,20 +281,23 @@ def stage_work(cfg: RunConfig, tokenizer, data: RunData, layers: list[int], teac
 def run_pipeline(cfg: RunConfig, *, data: Optional[RunData] = None, progress: bool = True,
                  on_log: Optional[Callable[[str, dict], None]] = None,
                  train_stages: StageTrainer = train_in_process, splits: tuple[str, ...] = ("val", "test"),
-                 cached_teacher_only: bool = False) -> RunOutcome:
+                 cached_teacher_only: bool = False, keep_model: bool = False) -> RunOutcome:
     """Run `cfg` end to end; returns the summary (metrics on `splits`, ICL baseline, stage histories).
     `train_stages` trains the adapter (in this process by default; `ia2ray.train` has the Ray Train one).
-    `cached_teacher_only`: the teacher must already be in the cache (study trials)."""
+    `cached_teacher_only`: the teacher must already be in the cache (study trials). `keep_model`: the
+    base model stays loaded in this process for the next run (`load_model(keep=True)`)."""
     clock = [time.perf_counter()]
     data = data or prepare_data(cfg)
     preflight(cfg, data)
     spec = data.spec
     device = resolve_device(cfg.train.device)
-    model, tokenizer = load_model(cfg.model, device)
+    loads = LOADS["cold"]
+    model, tokenizer = load_model(cfg.model, device, keep=keep_model)
     clock.append(time.perf_counter())
     layers = resolve_layers(cfg.align.layers, num_layers(model))
 
-    summary = summary_head(cfg, spec, cfg.pipeline) | {"aligned_layers": layers}
+    # weights this process read from disk for the run (0: a model kept from an earlier run)
+    summary = summary_head(cfg, spec, cfg.pipeline) | {"aligned_layers": layers, "model_loads": LOADS["cold"] - loads}
     if cfg.eval.icl_baseline:
         summary["icl"] = icl_metrics(cfg, model, tokenizer, data, splits, device)
 
@@ -325,14 +328,17 @@ def icl_metrics(cfg: RunConfig, model, tokenizer, data: RunData, splits: tuple[s
             for key, task, rows in eval_sets(data, splits)}
 
 
-def run_icl(cfg: RunConfig, *, data: Optional[RunData] = None, splits: tuple[str, ...] = ("val", "test")) -> dict:
+def run_icl(cfg: RunConfig, *, data: Optional[RunData] = None, splits: tuple[str, ...] = ("val", "test"),
+            keep_model: bool = False) -> dict:
     """Only the ICL baseline (no training): a summary shaped like run_pipeline's, metrics per split."""
     data = data or prepare_data(cfg)
     if not data.icl_draws:
         raise ValueError("run_icl needs eval.icl_baseline: true")
     device = resolve_device(cfg.train.device)
-    model, tokenizer = load_model(cfg.model, device)
-    return summary_head(cfg, data.spec, "icl") | icl_metrics(cfg, model, tokenizer, data, splits, device)
+    loads = LOADS["cold"]
+    model, tokenizer = load_model(cfg.model, device, keep=keep_model)
+    return (summary_head(cfg, data.spec, "icl") | {"model_loads": LOADS["cold"] - loads}
+            | icl_metrics(cfg, model, tokenizer, data, splits, device))
 
 
 def summary_head(cfg: RunConfig, spec: TaskSpec, pipeline: str) -> dict:

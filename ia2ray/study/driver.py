@@ -190,7 +190,10 @@ def saved_study(remote: Optional[str], study_dir: Path) -> Optional[str]:
 
 
 def local_resources() -> dict[str, float]:
-    """This machine's CPUs (and GPUs, if torch sees any), for --dry-run without a cluster."""
+    """This machine's CPUs, GPUs (if torch sees any) and the memory a local Ray would offer (70% of
+    what is available: Ray keeps about 30% for its object store), for --dry-run without a cluster."""
+    import psutil
+
     gpus = 0
     try:
         import torch
@@ -198,7 +201,8 @@ def local_resources() -> dict[str, float]:
         gpus = torch.cuda.device_count()
     except Exception:  # noqa: BLE001 - a dry run only estimates
         pass
-    return {"CPU": float(os.cpu_count() or 1), "GPU": float(gpus)}
+    return {"CPU": float(os.cpu_count() or 1), "GPU": float(gpus),
+            "memory": float(int(psutil.virtual_memory().available * 0.7))}
 
 
 def dry_run_lines(p: PreparedStudy, plan: TrialPlan, cluster_note: str) -> list[str]:
@@ -305,6 +309,7 @@ def close_trial_runs(study_dir: Path, tracking: dict) -> list[str]:
 def _run(p: PreparedStudy, resume: bool, parent, tracking: Optional[dict]) -> dict:
     import ray
 
+    from ia2ray.core.model import weight_bytes
     from ia2ray.study.confirm import confirmation_rows, run_confirm
     from ia2ray.study.report import write_pareto_csv, write_report
     from ia2ray.study.search import completed_trials, pareto_front, run_search
@@ -313,7 +318,7 @@ def _run(p: PreparedStudy, resume: bool, parent, tracking: Optional[dict]) -> di
 
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    plan = plan_trials(p.study, p.base, ray.cluster_resources())
+    plan = plan_trials(p.study, p.base, ray.cluster_resources(), weight_bytes(p.base.model))
     for line in plan.describe():
         log.info("%s", line)
     ctx = TrialContext(str(p.study_dir), p.base.model_dump(mode="json"), p.study.model_dump(mode="json"), tracking,

@@ -4,15 +4,21 @@ A trial is a Tune function trainable (the trial driver) plus, when `train.num_wo
 Train workers its `fit()` starts. Tune only knows the driver's resources, so the driver asks for
 `study.driver_cpus` (0 by default: it loads the model, waits on Train and evaluates) and concurrency is
 capped so that every running trial's Train workers fit on the cluster. With `train.num_workers: 0`
-the trial trains in its own process and asks for `train.cpus_per_worker` CPUs (and a GPU).
+the trial trains in its own process: it asks for `train.cpus_per_worker` CPUs (and a GPU) and the
+memory it holds (`study.trial_memory_gb`, else the weights in `model.dtype` plus `RUNTIME_BYTES`),
+and keeps the model loaded for its actor's next trial. (A driver of Ray Train workers still loads the
+model to evaluate, without reserving memory for it: evaluation moves into the workers next.)
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Optional
 
 from ia2ray.config.schema import RunConfig, StudyFile
+
+RUNTIME_BYTES = 2**30  # a trial driver's Python, torch, tokenizer, data and activations, beside the weights
 
 
 @dataclass
@@ -37,11 +43,11 @@ class TrialPlan:
         from ray import tune
 
         if any(v > 0 for v in self.driver.values()):
-            return tune.PlacementGroupFactory([self.driver])
+            return tune.PlacementGroupFactory([{k: v for k, v in self.driver.items() if v > 0}])
         return tune.PlacementGroupFactory([{}, {"memory": 1}])
 
     def describe(self) -> list[str]:
-        fmt = lambda d: ", ".join(f"{k}={v:g}" for k, v in d.items() if v) or "nothing"  # noqa: E731
+        fmt = lambda d: ", ".join(f"{k}={_amount(k, v)}" for k, v in d.items() if v) or "nothing"  # noqa: E731
         lines = [f"trial driver: {fmt(self.driver)}"]
         if self.num_workers:
             lines.append(f"Ray Train workers: {self.num_workers} x ({fmt(self.worker)})")
@@ -52,13 +58,27 @@ class TrialPlan:
         return lines
 
 
-def plan_trials(study: StudyFile, base: RunConfig, cluster: dict[str, float]) -> TrialPlan:
-    """`cluster`: total resources (`ray.cluster_resources()`, or this machine's for --dry-run)."""
+def _amount(key: str, value: float) -> str:
+    return f"{value / 2**30:.2f}GiB" if key == "memory" else f"{value:g}"
+
+
+def trial_memory(study: StudyFile, model_bytes: Optional[int]) -> dict:
+    """The driver's memory request in bytes (`{}` when neither the study nor the weights say)."""
+    if study.study.trial_memory_gb is not None:
+        return {"memory": float(round(study.study.trial_memory_gb * 2**30))}
+    return {"memory": float(model_bytes + RUNTIME_BYTES)} if model_bytes else {}
+
+
+def plan_trials(study: StudyFile, base: RunConfig, cluster: dict[str, float],
+                model_bytes: Optional[int] = None) -> TrialPlan:
+    """`cluster`: total resources (`ray.cluster_resources()`, or this machine's for --dry-run);
+    `model_bytes`: the model's weights as loaded (`ia2ray.core.model.weight_bytes`)."""
     t, s = base.train, study.study
     use_gpu = t.use_gpu if t.use_gpu is not None else cluster.get("GPU", 0) > 0
     gpu = {"GPU": 1.0} if use_gpu else {}
     if t.num_workers == 0:
-        driver = {"CPU": max(t.cpus_per_worker, s.driver_cpus), **gpu, **s.driver_resources}
+        memory = trial_memory(study, model_bytes)
+        driver = {"CPU": max(t.cpus_per_worker, s.driver_cpus), **gpu, **memory, **s.driver_resources}
         worker: dict = {}
     else:
         driver = {"CPU": s.driver_cpus, **s.driver_resources}
@@ -70,7 +90,7 @@ def plan_trials(study: StudyFile, base: RunConfig, cluster: dict[str, float]) ->
         if need > 0:
             have = cluster.get(key, 0)
             n = math.floor(have / need + 1e-9)
-            limits.append(f"{have:g} {key} / {need:g} per trial = {n}")
+            limits.append(f"{_amount(key, have)} {key} / {_amount(key, need)} per trial = {n}")
             fits = min(fits, n)
     if s.max_concurrent:
         limits = [f"study.max_concurrent = {s.max_concurrent}"]

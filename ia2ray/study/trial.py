@@ -106,8 +106,13 @@ def run_and_save(cfg: RunConfig, out: Path, splits: tuple[str, ...], extra: dict
             log.info("run %s already finished; reusing %s", cfg.name, done)
             return previous
     on_log = log_history(run)
+    warm = cfg.train.num_workers == 0  # the trial trains in this process, with the CPUs and memory it reserved:
+    if warm:  # as many torch threads as CPUs (Ray set OMP_NUM_THREADS from the request), and the base model
+        import torch  # stays loaded in this Tune actor for its next trial (`load_model(keep=True)`)
+
+        torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
     if icl:
-        summary = run_icl(cfg, splits=splits)
+        summary = run_icl(cfg, splits=splits, keep_model=warm)
     else:
         trainer = train_in_process
         if cfg.train.num_workers >= 1:  # the Train workers log the stage losses live (rank 0)
@@ -115,7 +120,7 @@ def run_and_save(cfg: RunConfig, out: Path, splits: tuple[str, ...], extra: dict
 
             trainer, on_log = partial(train_with_ray, tracking=run.target() if run else None), None
         outcome = run_pipeline(cfg, data=prepare_data(cfg), progress=False, train_stages=trainer, splits=splits,
-                               cached_teacher_only=True, on_log=on_log)
+                               cached_teacher_only=True, on_log=on_log, keep_model=warm)
         summary = outcome.summary | {"history": outcome.history}
         with atomic_dir(out / "adapter") as tmp:
             outcome.model.save_pretrained(tmp)
