@@ -34,7 +34,7 @@ from ia2ray.core.pipeline import capture_teacher, prepare_data, stage_work  # no
 from ia2ray.core.sites import num_layers  # noqa: E402
 from ia2ray.fileio import write_json_atomic  # noqa: E402
 from ia2ray.train.launch import RUNTIME_ENV, fit  # noqa: E402
-from ia2ray.train.pipeline import make_job  # noqa: E402
+from ia2ray.train.ray_stages import make_job  # noqa: E402
 
 
 def trial_job(workers: int, epochs: int, cache_dir: str):

@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ia2ray.study.track import study_runs  # noqa: E402
+from ia2ray.study.records import study_runs  # noqa: E402
 from ia2ray.tracking.server import start_local_server  # noqa: E402
 
 

@@ -102,7 +102,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     kwargs = {}
     if cfg.train.num_workers >= 1:  # Ray Train + DeepSpeed; 0 keeps the single-process loop
-        from ia2ray.train.pipeline import check_train_config, train_with_ray
+        from ia2ray.train.ray_stages import check_train_config, train_with_ray
 
         try:
             check_train_config(cfg)

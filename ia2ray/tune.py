@@ -8,7 +8,7 @@ FILE is a study file (`search_spaces/*.yaml`); without --config the default stud
 RAY_ADDRESS (as under `ray job submit`) or starts a local one, captures the teacher once per key,
 searches with Optuna (val/acc up, val/ece down), confirms the best configs and the baselines on the
 test split over seeds, and writes `report.md` into `<storage>/<name>/`. MLflow gets one run per study
-with a nested run per trial (see `ia2ray.study.track`).
+with a nested run per trial (see `ia2ray.study.records`).
 """
 
 from __future__ import annotations

@@ -53,7 +53,7 @@ def test_ray_job_submit_runs_the_smoke_study(tmp_path, mlflow_server, ia2ray_hom
     """`ray job submit --working-dir . -- python -m ia2ray.tune --config search_spaces/smoke.yaml` against a
     local head whose job server listens on 127.0.0.1 and requires the token: SUCCEEDED, the report,
     and every MLflow run FINISHED."""
-    from ia2ray.study.track import study_runs
+    from ia2ray.study.records import study_runs
 
     head = RayHead(num_cpus=2, extra_env={"IA2RAY_HOME": str(ia2ray_home)})
     try:

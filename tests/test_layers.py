@@ -54,3 +54,43 @@ def test_imports_follow_the_layers():
         if extra:
             wrong.append(f"{path.relative_to(PKG)} ({layer}) imports {sorted(extra)}")
     assert wrong == []
+
+
+def imported_modules(path: Path) -> set[str]:
+    """ia2ray modules `path` imports, at any depth of the file (function-level imports count too)."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("ia2ray.")}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and node.module.startswith("ia2ray"):
+            out.add(node.module)
+            out |= {f"{node.module}.{a.name}" for a in node.names}
+    return out
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(PKG.parent).with_suffix("")
+    return ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+
+
+def test_no_import_cycles_between_modules():
+    """Modules import each other without circles (counting imports inside functions, which would
+    otherwise hide a circle); a package's `__init__` re-exporting its modules is not a circle."""
+    paths = {module_name(p): p for p in PKG.rglob("*.py")}
+    graph = {name: {m for m in imported_modules(p) if m in paths and m != name and not name.startswith(m + ".")}
+             for name, p in paths.items()}
+    cycles, state = [], {}
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                cycles.append(" -> ".join(stack[stack.index(nxt):] + [node, nxt]) if nxt in stack else f"{node} -> {nxt}")
+            elif nxt not in state:
+                visit(nxt, stack + [node])
+        state[node] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [])
+    assert cycles == []

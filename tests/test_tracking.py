@@ -291,7 +291,7 @@ def test_open_experiment_unreachable_is_a_tracking_error():
 # -- whole studies -----------------------------------------------------------------------------------
 def _study_runs(url: str, study_dir: Path):
     """(client, parent, children) of the study in `study_dir`, found by its id."""
-    from ia2ray.study.track import study_runs
+    from ia2ray.study.records import study_runs
 
     client, runs = _client(url), study_runs(url, study_dir)
     parents = [r for r in runs if r.data.tags.get("ia2ray.role") == "study"]

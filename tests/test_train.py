@@ -24,7 +24,7 @@ from ia2ray.core.sites import num_layers
 from ia2ray.core.stages import NonFiniteLossError
 from ia2ray.train.checkpoint import CheckpointError
 from ia2ray.train.launch import StageRunError, fit
-from ia2ray.train.pipeline import make_job
+from ia2ray.train.ray_stages import make_job
 
 BASE = ["task.name=toy/polarity", "data.n=8", "data.val_size=8", "data.test_size=8", "eval.icl_baseline=false",
         "train.batch_size=4", "train.max_epochs=3", "train.patience=50", "train.eval_every=2", "lr.align=1e-2",

@@ -101,7 +101,7 @@ def test_smoke_study_killed_mid_search_then_resumed(tmp_path, tiny_checkpoints, 
 
 
 def live_metrics(url: str, study: Path, run_name: str) -> dict:
-    from ia2ray.study.track import study_runs
+    from ia2ray.study.records import study_runs
 
     (run,) = study_runs(url, study, f"attributes.run_name = '{run_name}'")
     assert run.info.status == "RUNNING"
@@ -113,7 +113,7 @@ def check_mlflow(url: str, study: Path, killed_run: str) -> None:
     left RUNNING; params, per-step metrics once per step, final metrics, tags and artifacts."""
     from mlflow import MlflowClient
 
-    from ia2ray.study.track import study_runs
+    from ia2ray.study.records import study_runs
 
     client = MlflowClient(url)
     runs = study_runs(url, study)

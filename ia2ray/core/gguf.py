@@ -101,13 +101,11 @@ def _convert(source: Path, digest: str, dtype: str, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ia2ray.core.model import DTYPES  # here, not at the top: model.py imports this module
-
     try:
         import gguf  # noqa: F401  transformers needs it to read the file
     except ImportError:
         raise ImportError("model.path: reading a GGUF file needs the `gguf` package: pip install gguf") from None
-    torch_dtype = DTYPES[dtype]
+    torch_dtype = getattr(torch, dtype)  # model.dtype names a torch dtype: float32, bfloat16, float16
     start = time.perf_counter()
     log.info("converting %s (dequantised to %s) into %s", source, dtype, out)
     loaded = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)

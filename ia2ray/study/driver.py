@@ -236,7 +236,7 @@ def run_study(p: PreparedStudy, resume: bool) -> dict:
     """Run the study (Ray must be reachable); returns {"table", "report", "errors", "timings", "rows",
     "tracking"}. Raises ConfigError / TrackingError before any compute when the cluster or MLflow
     does not fit."""
-    from ia2ray.study.track import start_study_run
+    from ia2ray.study.records import start_study_run
     from ia2ray.train.launch import ensure_ray, pin_train_helpers
 
     ensure_ray()
@@ -314,7 +314,7 @@ def _run(p: PreparedStudy, resume: bool, parent, tracking: Optional[dict]) -> di
     from ia2ray.study.report import write_pareto_csv, write_report
     from ia2ray.study.search import completed_trials, pareto_front, run_search
     from ia2ray.study.teacher import capture_all, teacher_variants
-    from ia2ray.study.track import finish_study_run
+    from ia2ray.study.records import finish_study_run
 
     timings: dict[str, float] = {}
     start = time.perf_counter()

@@ -8,7 +8,7 @@ report. A confirmation trial runs one (method, seed) row on the validation and t
 Ray Train runs are named after the trial (`trial-<tune trial id>`, `confirm-<method>-s<seed>`), so a
 trial restarted by `--resume` resumes its Train run from the last complete checkpoint. Each run's
 summary (with the stage histories) and adapter go to `<study>/runs/<run name>/`, and, unless tracking is
-off, into the trial's MLflow run (`ia2ray.study.track`), which a rerun of the trial continues.
+off, into the trial's MLflow run (`ia2ray.study.records`), which a rerun of the trial continues.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from ia2ray.config.schema import RunConfig, StudyFile
 from ia2ray.fileio import atomic_dir, require_visible, write_json_atomic
 from ia2ray.mirror import local_copy, pull, push
 from ia2ray.study.space import apply_params, decode_point
-from ia2ray.study.track import log_history, log_result, running, trial_run
+from ia2ray.study.records import log_history, log_result, running, trial_run
 from ia2ray.tracking import RunLog
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ def run_and_save(cfg: RunConfig, out: Path, splits: tuple[str, ...], extra: dict
     else:
         trainer = train_in_process
         if cfg.train.num_workers >= 1:  # the Train workers log the stage losses live (rank 0)
-            from ia2ray.train.pipeline import train_with_ray
+            from ia2ray.train.ray_stages import train_with_ray
 
             trainer, on_log = partial(train_with_ray, tracking=run.target() if run else None), None
         outcome = run_pipeline(cfg, data=prepare_data(cfg), progress=False, train_stages=trainer, splits=splits,

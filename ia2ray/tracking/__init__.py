@@ -10,11 +10,12 @@ from ia2ray.tracking.runlog import (
     RunLog,
     TrackingError,
     close_orphans,
+    find_runs,
     is_local_uri,
     open_experiment,
     replay_pending,
     resolve_uri,
 )
 
-__all__ = ["RunLog", "TrackingError", "close_orphans", "is_local_uri", "open_experiment", "replay_pending",
+__all__ = ["RunLog", "TrackingError", "close_orphans", "find_runs", "is_local_uri", "open_experiment", "replay_pending",
            "resolve_uri"]

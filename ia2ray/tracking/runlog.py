@@ -361,3 +361,15 @@ def close_orphans(uri: str, experiment_id: str, parent_run_id: str, reason: str,
         client.set_tag(run.info.run_id, tag("error"), reason)
         client.set_terminated(run.info.run_id, "KILLED")
     return len(runs)
+
+
+def find_runs(uri: str, experiment: str, tags: dict[str, str], where: str = "",
+              order_by: Optional[list[str]] = None) -> list:
+    """Runs of the experiment named `experiment` whose ia2ray tags (`tag(key)`) have these values;
+    `where` adds a filter clause; [] when there is no such experiment."""
+    client = _client(uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    clause = " and ".join([f"tags.`{tag(k)}` = '{v}'" for k, v in tags.items()] + ([where] if where else []))
+    return client.search_runs([found.experiment_id], clause, max_results=1000, order_by=order_by)

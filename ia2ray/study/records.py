@@ -22,7 +22,7 @@ from typing import Optional
 import ia2ray
 from ia2ray.config.load import dump_yaml
 from ia2ray.config.schema import RunConfig, StudyFile
-from ia2ray.tracking import RunLog, TrackingError, open_experiment
+from ia2ray.tracking import RunLog, TrackingError, find_runs, open_experiment
 from ia2ray.tracking.runlog import PENDING_FILE, is_local_uri
 from ia2ray.tracking.shape import flat_params, slug, split_metrics, step_metrics, tag
 
@@ -121,7 +121,7 @@ def log_result(run: Optional[RunLog], out_dir: Path, cfg: RunConfig, summary: di
     if run is None:
         return
     from ia2ray.fileio import write_text_atomic
-    from ia2ray.study.report import plot_reliability
+    from ia2ray.study.plots import plot_reliability
 
     run.sync()  # Ray Train's rank 0 may have logged part of the history already
     items = [m for h in summary.get("history", []) for m in step_metrics(h["stage"], h)]
@@ -154,10 +154,5 @@ def finish_study_run(parent: RunLog, study_dir: Path, table: list[dict], n_trial
 def study_runs(uri: str, study_dir: Path, where: str = "", order_by: Optional[list[str]] = None) -> list:
     """The MLflow runs (parent and children) of the study in `study_dir`, found by the study id kept in
     its `study.json`; `where` adds a filter clause (e.g. "tags.`ia2ray.phase` = 'search'")."""
-    from mlflow import MlflowClient
-
     saved = json.loads((Path(study_dir) / "study.json").read_text())
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name(saved["name"])
-    clause = f"tags.`{tag('study_id')}` = '{saved['study_id']}'" + (f" and {where}" if where else "")
-    return client.search_runs([experiment.experiment_id], clause, max_results=1000, order_by=order_by)
+    return find_runs(uri, saved["name"], {"study_id": saved["study_id"]}, where, order_by)
