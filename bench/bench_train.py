@@ -30,7 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ia2ray.config import load_run_config  # noqa: E402
 from ia2ray.core.model import load_model, resolve_layers  # noqa: E402
-from ia2ray.core.pipeline import capture_teacher, prepare_data, stage_work  # noqa: E402
+from ia2ray.core.items import stage_work  # noqa: E402
+from ia2ray.core.rundata import prepare_data  # noqa: E402
+from ia2ray.core.teacher import capture_teacher  # noqa: E402
 from ia2ray.core.sites import num_layers  # noqa: E402
 from ia2ray.fileio import write_json_atomic  # noqa: E402
 from ia2ray.train.launch import RUNTIME_ENV, fit  # noqa: E402

@@ -221,3 +221,28 @@ def fetch_dir(uri: str, rel: str, complete_when: str) -> Optional[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
+
+
+class BucketSync:
+    """A folder of entries (the teacher cache) in a bucket, used through this node's copy: `fetch(key)`
+    downloads an entry whole when the bucket has it complete (its `complete_when` file, written last)
+    and this node does not; `publish(key)` uploads a new entry with that file last. The
+    `ia2ray.core.cache.EntrySync` that core's cache functions are given for a bucket location."""
+
+    def __init__(self, uri: str, complete_when: str = "manifest.json"):
+        self.uri, self.complete_when = uri, complete_when
+
+    def root(self) -> Path:
+        return local_copy(self.uri)
+
+    def fetch(self, key: str) -> None:
+        fetch_dir(self.uri, key, complete_when=self.complete_when)
+
+    def publish(self, key: str) -> None:
+        push(self.uri, key, last=(self.complete_when,))
+
+
+def bucket_sync(location: str) -> Optional[BucketSync]:
+    """The sync of a cache at `location`: a `BucketSync` for a bucket URI, None for a folder on this
+    node (nothing to copy)."""
+    return BucketSync(location) if is_remote(location) else None

@@ -22,7 +22,7 @@ from rich.table import Table
 
 from ia2ray.config import ConfigError, RunConfig, dump_yaml, load_run_config
 from ia2ray.config.reference import cli_help, example_yaml
-from ia2ray.fileio import atomic_dir, write_json_atomic, write_text_atomic
+from ia2ray.fileio import write_json_atomic, write_text_atomic
 
 console = Console(stderr=True)
 
@@ -91,8 +91,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     hf_logging.disable_progress_bar()
 
     # Heavy imports only after the config is known to be valid.
-    from ia2ray.core.pipeline import prepare_data, run_pipeline
+    from ia2ray.core.pipeline import run_pipeline
+    from ia2ray.core.rundata import prepare_data
+    from ia2ray.core.teacher import cache_location
     from ia2ray.data.loaders import DataError
+    from ia2ray.mirror import bucket_sync
 
     try:
         data = prepare_data(cfg)  # every bad data row is reported here, before any model loads
@@ -100,16 +103,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    kwargs = {}
+    kwargs = {"sync": bucket_sync(cache_location(cfg))}
     if cfg.train.num_workers >= 1:  # Ray Train + DeepSpeed; 0 keeps the single-process loop
-        from ia2ray.train.ray_stages import check_train_config, train_with_ray
+        from ia2ray.train.ray_stages import check_train_config, run_with_ray
 
         try:
             check_train_config(cfg)
         except ConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        kwargs["train_stages"] = train_with_ray
+        kwargs["runner"] = run_with_ray
     try:
         with Progress(*columns, console=console, transient=True) as progress:
             on_log = _stage_progress(progress, cfg, len(data.splits.train))
@@ -122,8 +125,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     out_dir = cfg.output.dir.format(name=cfg.name)
     write_text_atomic(f"{out_dir}/config.yaml", dump_yaml(cfg))
     write_text_atomic(f"{out_dir}/history.jsonl", "".join(json.dumps(h) + "\n" for h in outcome.history))
-    with atomic_dir(f"{out_dir}/adapter") as tmp:
-        outcome.model.save_pretrained(tmp)
+    outcome.save_adapter(f"{out_dir}/adapter")
+    write_json_atomic(f"{out_dir}/answers.json", outcome.answers)
     summary["output_dir"] = out_dir
     write_json_atomic(f"{out_dir}/summary.json", summary)
     if args.json:

@@ -11,7 +11,7 @@ from ia2ray.config.schema import EvalConfig
 from ia2ray.core.evaluate import (evaluate, icl_baseline, label_token_ids, next_token_logits, parse_answer,
                                   score_labels)
 from ia2ray.core.generate import greedy_generate
-from ia2ray.core.pipeline import answer_ids
+from ia2ray.core.items import answer_ids
 from ia2ray.core.tiny import default_corpus, tiny_model, train_bpe_tokenizer, train_metaspace_tokenizer
 from ia2ray.data.examples import Example, build_icl_prompt, format_query
 from ia2ray.data.tasks import TaskSpec, get_task

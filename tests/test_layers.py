@@ -1,6 +1,7 @@
 """The layers import in one direction: config -> data -> core -> train -> study -> entry points, and
 `tracking` is a service (it imports only config and fileio; train and study call it); `fileio` and
-`mirror` (local copies of bucket folders) are utilities below everything."""
+`mirror` (local copies of bucket folders) are utilities below everything, but `core` does no storage sync:
+it is handed a sync object (`ia2ray.mirror.BucketSync`) by the layers above."""
 
 from __future__ import annotations
 
@@ -15,12 +16,12 @@ ALLOWED = {
     "mirror": {"fileio"},
     "config": {"fileio"},
     "data": {"config", "fileio"},
-    "core": {"config", "data", "fileio", "mirror"},
+    "core": {"config", "data", "fileio"},
     "tracking": {"config", "fileio"},
     "train": {"config", "data", "core", "fileio", "mirror", "tracking"},
     "study": {"config", "data", "core", "train", "fileio", "mirror", "tracking"},
     "testbed": {"config", "data", "core", "fileio"},
-    "run": {"config", "data", "core", "train", "fileio", "tracking"},
+    "run": {"config", "data", "core", "train", "fileio", "mirror", "tracking"},
     "tune": {"config", "data", "core", "train", "study", "fileio", "mirror", "tracking"},
     "__init__": set(),
 }

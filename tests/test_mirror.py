@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from ia2ray import mirror
-from ia2ray.core.cache import ActivationCache, cache_root, fetch_entry, publish_entry
+from ia2ray.core.cache import ActivationCache
 from ia2ray.core.generate import Generated
 from ia2ray.tune import main
 
@@ -81,23 +81,25 @@ def _records(n: int, layers: int = 2, dim: int = 4) -> list[Generated]:
 
 def test_teacher_cache_in_a_bucket_is_published_manifest_last_and_fetched_whole(s3, tmp_path, monkeypatch):
     location = f"s3://{s3.bucket}/studies/one/activations"
-    cache = ActivationCache(cache_root(location), shard_bytes=64)  # several shards
+    sync = mirror.bucket_sync(location)
+    cache = ActivationCache(sync.root(), shard_bytes=64)  # several shards
     cache.save("k1", _records(4), {"dtype": "float32"})
     before = len(s3.requests())
-    publish_entry(location, "k1")
+    sync.publish("k1")
     # pyarrow uploads in parts: an object appears when its upload is completed (POST ...?uploadId=)
     done = [r.split("?")[0].rsplit("/", 1)[1] for r in s3.requests()[before:]
             if r.startswith("POST ") and "uploadId=" in r]
     assert done[-1] == "manifest.json" and len(done) == len(set(done)) >= 3, done  # complete once the manifest is up
 
     monkeypatch.setenv("IA2RAY_MIRROR", str(tmp_path / "node-b"))
-    assert cache_root(location) == tmp_path / "node-b" / "s3" / s3.bucket / "studies" / "one" / "activations"
-    assert not (cache_root(location) / "k1").exists()
-    theirs = ActivationCache(fetch_entry(location, "k1"))  # fetched on first use
+    assert sync.root() == tmp_path / "node-b" / "s3" / s3.bucket / "studies" / "one" / "activations"
+    assert not (sync.root() / "k1").exists()
+    sync.fetch("k1")  # fetched on first use
+    theirs = ActivationCache(sync.root())
     got, want = theirs.load("k1"), cache.load("k1")
     assert [torch.equal(a.activations, b.activations) for a, b in zip(got, want)] == [True] * 4
     before = len(s3.requests())
-    fetch_entry(location, "k1")  # already here: the bucket is not asked again
+    sync.fetch("k1")  # already here: the bucket is not asked again
     assert s3.requests()[before:] == []
     # an entry without its manifest in the bucket (an upload cut short) is not fetched
     mirror.push(location, "k1", skip=("k1/manifest.json",))  # nothing new to send from node b
@@ -105,13 +107,19 @@ def test_teacher_cache_in_a_bucket_is_published_manifest_last_and_fetched_whole(
     fs.delete_file(f"{path}/k1/manifest.json")
     monkeypatch.setenv("IA2RAY_MIRROR", str(tmp_path / "node-c"))
     assert mirror.fetch_dir(location, "k1", "manifest.json") is None
-    assert not (cache_root(location) / "k1").exists()
-    assert ActivationCache(fetch_entry(location, "k1")).has("k1") is False
+    assert not (sync.root() / "k1").exists()
+    sync.fetch("k1")
+    assert ActivationCache(sync.root()).has("k1") is False
 
 
 def test_local_cache_locations_are_untouched(tmp_path):
-    assert fetch_entry(str(tmp_path / "acts"), "k1") == cache_root(str(tmp_path / "acts")) == tmp_path / "acts"
-    publish_entry(str(tmp_path / "acts"), "k1")  # no bucket: nothing to do
+    """A folder needs no sync: core reads and writes it in place; a bucket without a sync is refused."""
+    from ia2ray.core.teacher import local_root
+
+    assert mirror.bucket_sync(str(tmp_path / "acts")) is None
+    assert local_root(str(tmp_path / "acts"), None) == tmp_path / "acts"
+    with pytest.raises(ValueError, match="is a bucket URI; reading it needs a sync"):
+        local_root("s3://b/acts", None)
     assert not mirror.is_remote(str(tmp_path)) and not mirror.is_remote("file:///x") and mirror.is_remote("gs://b/x")
 
 
@@ -150,16 +158,18 @@ def test_a_trial_with_a_bucket_cache_runs_the_teacher_only_from_the_bucket(s3, t
     """Captured teacher -> bucket; a trial on a node with an empty copy fetches it; an entry the bucket
     lacks is named by its bucket location."""
     from ia2ray.config import load_run_config
-    from ia2ray.core.pipeline import TeacherNotCachedError, run_pipeline
+    from ia2ray.core.pipeline import run_pipeline
+    from ia2ray.core.teacher import TeacherNotCachedError
 
     location = f"s3://{s3.bucket}/studies/one/activations"
     cfg = load_run_config(SMOKE, [f"capture.cache_dir={location}", "train.num_workers=0", "eval.icl_baseline=false",
                                   "train.max_epochs=1"])
+    sync = mirror.bucket_sync(location)
     with pytest.raises(TeacherNotCachedError, match=f"not in the cache {location}"):
-        run_pipeline(cfg, progress=False, splits=("val",), cached_teacher_only=True)
-    first = run_pipeline(cfg, progress=False, splits=("val",))  # captures, publishes
+        run_pipeline(cfg, progress=False, splits=("val",), cached_teacher_only=True, sync=sync)
+    first = run_pipeline(cfg, progress=False, splits=("val",), sync=sync)  # captures, publishes
     keys = {n.split("/")[0] for n in _files(location)}
     assert len(keys) == 1 and f"{keys.pop()}/manifest.json" in _files(location)
     shutil.rmtree(tmp_path / "mirror")  # another node: nothing local
-    again = run_pipeline(cfg, progress=False, splits=("val",), cached_teacher_only=True)
+    again = run_pipeline(cfg, progress=False, splits=("val",), cached_teacher_only=True, sync=sync)
     assert again.summary["val"] == first.summary["val"]

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from ia2ray.config import load_run_config
-from ia2ray.core.pipeline import PIPELINE_STAGES, prepare_data, run_pipeline
+from ia2ray.core.items import PIPELINE_STAGES
+from ia2ray.core.pipeline import run_pipeline
+from ia2ray.core.rundata import prepare_data
 
 FAST = ["train.max_epochs=3", "data.val_size=8", "data.test_size=8", "eval.icl_draws=2", "data.n=4"]
 
@@ -33,7 +35,7 @@ def test_every_pipeline_runs_and_reports_val_and_test(tmp_path, pipeline):
 
 def test_teacher_is_captured_once_per_key_and_reused(tmp_path, caplog):
     cfg = _cfg(tmp_path, "pipeline=ia2", "eval.icl_baseline=false")
-    with caplog.at_level("INFO", logger="ia2ray.core.pipeline"):
+    with caplog.at_level("INFO", logger="ia2ray.core.teacher"):
         first = run_pipeline(cfg, progress=False).summary
         second = run_pipeline(cfg, progress=False).summary
     msgs = [r.getMessage() for r in caplog.records if "teacher capture" in r.getMessage()]
@@ -136,7 +138,7 @@ def test_layer_weights_pair_with_the_layers_in_the_given_order(tmp_path):
 def test_ia2_then_sft_continues_on_the_aligned_adapter(tmp_path):
     """The sft stage's step-0 dev loss is the CE of the adapter the align stage ended with."""
     from ia2ray.core.objective import StageObjective
-    from ia2ray.core.pipeline import stage_items
+    from ia2ray.core.items import stage_items
     from ia2ray.core.stages import dev_loss
 
     base = ["eval.icl_baseline=false"]
@@ -154,7 +156,7 @@ def test_ia2_then_sft_continues_on_the_aligned_adapter(tmp_path):
 
 def test_model_dependent_checks_are_reported_together_before_loading(tmp_path):
     from ia2ray.config import ConfigError
-    from ia2ray.core.pipeline import preflight
+    from ia2ray.core.preflight import preflight
 
     cfg = _cfg(tmp_path, "align.layers=every:2", "align.layer_weights=[1.0]", "lora.layers=[1, 7]")
     with pytest.raises(ConfigError) as info:
@@ -176,7 +178,7 @@ def test_cli_exits_2_on_model_dependent_errors_and_too_small_icl_pool(tmp_path):
 
 def _untimed(summary: dict) -> dict:
     """A summary without what depends on the clock or on whether weights were read."""
-    out = {k: v for k, v in summary.items() if k not in ("timings", "model_loads")}
+    out = {k: v for k, v in summary.items() if k not in ("timings", "model_loads", "driver_model_loads")}
     out["stages"] = [{k: v for k, v in st.items() if k not in ("seconds", "timings")} for st in summary["stages"]]
     return out
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from ia2ray.config import load_run_config
-from ia2ray.core.pipeline import prepare_data
+from ia2ray.core.rundata import prepare_data
 from ia2ray.data import DataError, format_demo, get_task, load_file
 from ia2ray.data.splits import load_pools
 

@@ -231,7 +231,8 @@ def test_report_table_has_mean_and_sample_std_per_method(tmp_path):
 
 def test_a_trial_never_runs_the_teacher_itself(tmp_path):
     from ia2ray.config import load_run_config
-    from ia2ray.core.pipeline import TeacherNotCachedError, run_pipeline
+    from ia2ray.core.pipeline import run_pipeline
+    from ia2ray.core.teacher import TeacherNotCachedError
 
     cfg = load_run_config(SMOKE, [f"capture.cache_dir={tmp_path / 'empty'}", "train.num_workers=0",
                                   "eval.icl_baseline=false"])

@@ -9,7 +9,8 @@ import pytest
 
 from ia2ray.config import ConfigError, load_run_config
 from ia2ray.config.schema import TASK_FORMAT_KEYS
-from ia2ray.core.pipeline import preflight, prepare_data
+from ia2ray.core.preflight import preflight
+from ia2ray.core.rundata import prepare_data
 from ia2ray.data import build_icl_prompt, format_demo, format_query, get_task, load_file
 from ia2ray.data.loaders import without_stops
 from ia2ray.data.tasks import FORMAT_KEYS, resolve_task

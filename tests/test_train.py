@@ -14,12 +14,10 @@ import torch
 
 from ia2ray.config import load_run_config
 from ia2ray.core.model import load_model, resolve_layers
-from ia2ray.core.pipeline import (
-    capture_teacher,
-    prepare_data,
-    stage_work,
-    train_in_process,
-)
+from ia2ray.core.items import stage_work
+from ia2ray.core.pipeline import train_in_process
+from ia2ray.core.rundata import prepare_data
+from ia2ray.core.teacher import capture_teacher
 from ia2ray.core.sites import num_layers
 from ia2ray.core.stages import NonFiniteLossError
 from ia2ray.train.checkpoint import CheckpointError
@@ -194,7 +192,7 @@ def test_incomplete_missing_or_foreign_checkpoints_are_errors(ray_cluster, setup
     make, storage = setup
     _, job = make("train.num_workers=1", "train.checkpoint_every=2", pipeline="ia2")[:2]
     fit(job, "broken", str(storage))
-    final = storage / "broken" / "ckpt-0-align-end"  # registered in Ray's run snapshot
+    final = storage / "broken" / "ckpt-1-eval-end"  # the last checkpoint (after evaluation), registered in Ray's run snapshot
 
     # another configuration under the same name
     _, other = make("train.num_workers=1", "train.checkpoint_every=2", "lr.align=5e-3", pipeline="ia2")[:2]
@@ -206,7 +204,7 @@ def test_incomplete_missing_or_foreign_checkpoints_are_errors(ray_cluster, setup
         fit(job, "broken", str(storage))
 
     shutil.rmtree(final)  # Ray's run snapshot still lists it
-    with pytest.raises(StageRunError, match="ckpt-0-align-end"):
+    with pytest.raises(StageRunError, match="ckpt-1-eval-end"):
         fit(job, "broken", str(storage))
 
 
@@ -263,7 +261,12 @@ def test_run_cli_trains_on_ray_workers_and_a_rerun_resumes_the_finished_run(ray_
     first = json.loads((tmp_path / "a.json").read_text())
     assert [s["name"] for s in first["stages"]] == ["align", "sft"]
     assert (tmp_path / "out" / "adapter" / "adapter_config.json").is_file()
-    assert (tmp_path / "out" / "train" / "default" / "ckpt-1-sft-end" / "adapter" / "adapter_model.safetensors").is_file()
+    # the final checkpoint comes after the evaluation, with the adapter; the driver loaded no weights
+    assert (tmp_path / "out" / "train" / "default" / "ckpt-2-eval-end" / "adapter" / "adapter_model.safetensors").is_file()
+    assert first["driver_model_loads"] == 0 and first["model_loads"] == 1
+    assert first["eval_node"] == first["workers"]["node_id"] == first["stages"][0]["placement"]["node_id"]
+    assert set(first["icl"]) == {"val", "test"} and json.loads((tmp_path / "out" / "answers.json").read_text()).keys() \
+        == {"val", "test", "icl/val", "icl/test"}
     # the same name again: the run is complete, so its final checkpoint is the result (no training)
     assert main([*args, "--json", str(tmp_path / "b.json")]) == 0
     second = json.loads((tmp_path / "b.json").read_text())
@@ -306,3 +309,38 @@ def test_bf16_on_cpu_trains_with_a_user_deepspeed_file_read_by_the_driver(ray_cl
     assert all(map(torch.isfinite, torch.tensor(losses))) and losses[-1] < losses[0]
     # the checkpointed adapter is DeepSpeed's fp32 master copy, not the bf16 weights the forward used
     assert any((v - v.bfloat16().float()).abs().max() > 0 for k, v in out.adapter.items() if "lora_B" in k)
+
+
+def test_workers_evaluate_where_they_trained_as_the_process_would(ray_cluster, setup, tmp_path, zero3_json):
+    """`run_with_ray`, `ia2->sft` on 2 ZeRO-3 workers (the model loaded once and partitioned by the first
+    stage's engine, the second stage's engine built on it): the ranks split the evaluation rows (ICL
+    baseline included) with the parameters gathered, and give the adapter and metrics of the same run
+    in one process; the driver loads no weights; the summary says where evaluation ran."""
+    from ia2ray.core.pipeline import run_pipeline
+    from ia2ray.train.ray_stages import run_with_ray
+
+    make, storage = setup
+    sets = ("eval.icl_baseline=true", "eval.icl_draws=2", "data.test_size=9", f"train.storage={storage}",
+            "name=evaluated", "train.num_workers=2", f"train.deepspeed={zero3_json}", "train.max_epochs=2")
+    cfg = make(*sets)[0]
+    remote = run_pipeline(cfg, runner=run_with_ray, progress=False)
+    local = run_pipeline(cfg.model_copy(update={"train": cfg.train.model_copy(update={"num_workers": 0})}),
+                         progress=False)
+    for key in ("val", "test"):
+        for metric in ("acc", "ece", "nll", "brier"):
+            assert remote.summary[key][metric] == pytest.approx(local.summary[key][metric], abs=1e-5), (key, metric)
+            assert remote.summary["icl"][key][metric] == pytest.approx(local.summary["icl"][key][metric], abs=1e-5)
+        assert [r["correct"] for r in remote.answers[key]] == [r["correct"] for r in local.answers[key]]
+    assert remote.summary["test"]["n"] == 9  # an odd count: rank 0 scores 5 rows, rank 1 scores 4
+    assert remote.summary["driver_model_loads"] == 0 and remote.summary["model_loads"] == 1
+    assert remote.summary["eval_node"] == remote.summary["workers"]["node_id"]
+    assert remote.summary["workers"]["world_size"] == 2 and remote.summary["workers"]["eval_s"] > 0
+    adapter = tmp_path / "adapter"
+    remote.save_adapter(adapter)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(adapter / "adapter_model.safetensors"))
+    local_state = {k.replace(".default", ""): v for k, v in local.model.state_dict().items() if "lora_" in k}
+    assert saved.keys() == local_state.keys()
+    for k in saved:
+        torch.testing.assert_close(saved[k], local_state[k], atol=1e-5, rtol=0)

@@ -23,14 +23,13 @@ import shutil
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import safetensors.torch
 import torch
 
 from ia2ray.core.fingerprint import content_hash
 from ia2ray.core.generate import Generated
-from ia2ray.mirror import fetch_dir, is_remote, local_copy, push
 
 logger = logging.getLogger(__name__)
 
@@ -57,9 +56,13 @@ class ActivationCache:
         self.root = Path(root)
         self.shard_bytes = int(shard_bytes)
 
-    def key(self, **parts: Any) -> str:
+    @staticmethod
+    def key_of(**parts: Any) -> str:
         """Entry key: the first 32 hex digits of ``content_hash(parts)``."""
         return content_hash(parts)[:32]
+
+    def key(self, **parts: Any) -> str:
+        return self.key_of(**parts)
 
     def path(self, key: str) -> Path:
         """Directory of the entry ``key`` (it may not exist)."""
@@ -137,6 +140,29 @@ class ActivationCache:
             raise CacheError(f"{entry / MANIFEST}: shards hold {len(records)} of {len(lengths)}")
         return records
 
+    def load_tokens(self, key: str) -> list[Generated]:
+        """Every record's token ids without its activations (`activations=None`), read from the shards'
+        `token_ids` and `offsets` tensors only: a Ray Train driver builds training items from them and
+        leaves the activations, and their verification, to the workers that load them."""
+        from safetensors import safe_open
+
+        manifest = self.read_manifest(key)
+        entry, lengths = self.path(key), manifest["lengths"]
+        out: list[Generated] = []
+        for shard in manifest["shards"]:
+            try:
+                with safe_open(str(entry / shard["file"]), framework="pt") as f:
+                    token_ids, offsets = f.get_tensor("token_ids"), f.get_tensor("offsets")
+            except Exception as e:  # missing file, or not a safetensors file
+                raise CacheError(f"{entry / shard['file']}: unreadable shard ({e})") from e
+            want = lengths[len(out) : len(out) + shard["num_records"]]
+            if not torch.equal(offsets, _offsets(want)) or token_ids.numel() != int(offsets[-1]):
+                raise CacheError(f"{entry / shard['file']}: record lengths disagree with the manifest")
+            out += [Generated(token_ids=token_ids[a:b].clone()) for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
+        if len(out) != len(lengths):
+            raise CacheError(f"{entry / MANIFEST}: shards hold {len(out)} of {len(lengths)}")
+        return out
+
     def load_subset(self, key: str, indices: list[int]) -> dict[int, Generated]:
         """Records at `indices` only, reading (and verifying) just the shards that hold them."""
         manifest = self.read_manifest(key)
@@ -180,24 +206,19 @@ class ActivationCache:
         return self.load(key), False
 
 
-def cache_root(location: str) -> Path:
-    """The local folder of the cache at `location`: the folder itself, or for a bucket URI this node's
-    copy (`ia2ray.mirror`)."""
-    return local_copy(location) if is_remote(location) else Path(location).expanduser()
+class EntrySync(Protocol):
+    """Copies entries between this node's folder of a cache and shared storage (a bucket): what core's
+    cache users are given for a cache that lives elsewhere (`ia2ray.mirror.BucketSync`). Core itself
+    only reads and writes local folders."""
 
+    def root(self) -> Path:
+        """This node's folder of the cache."""
 
-def fetch_entry(location: str, key: str) -> Path:
-    """`cache_root(location)`, after fetching the entry `key` whole from the bucket when the cache is
-    in a bucket that has the entry complete and this node has no copy yet."""
-    if is_remote(location):
-        fetch_dir(location, key, complete_when=MANIFEST)
-    return cache_root(location)
+    def fetch(self, key: str) -> None:
+        """Copy the complete entry `key` into the folder, when storage has it and the folder does not."""
 
-
-def publish_entry(location: str, key: str) -> None:
-    """Upload a new entry when the cache is in a bucket: shards first, the manifest last."""
-    if is_remote(location):
-        push(location, key, last=(MANIFEST,))
+    def publish(self, key: str) -> None:
+        """Copy the new entry `key` from the folder to storage (its manifest last)."""
 
 
 def _describe(records: list[Generated], dtype_name: str, meta: dict[str, Any]) -> dict[str, Any]:

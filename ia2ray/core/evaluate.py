@@ -95,37 +95,70 @@ def parse_answer(spec: TaskSpec, text: str) -> Optional[str]:
     return PARSERS[spec.parser](text)
 
 
-def evaluate(model, tokenizer, spec: TaskSpec, examples: Sequence[Example], cfg: EvalConfig, device,
-             demos: Optional[Sequence[Example]] = None, demo_spec: Optional[TaskSpec] = None) -> dict:
-    """Metrics of `model` on `examples` (zero-shot, or with `demos` of task `demo_spec` in the prompt)."""
+def score_rows(model, tokenizer, spec: TaskSpec, examples: Sequence[Example], cfg: EvalConfig, device,
+               demos: Optional[Sequence[Example]] = None, demo_spec: Optional[TaskSpec] = None) -> list[dict]:
+    """Each example scored on its own (zero-shot, or with `demos` of task `demo_spec` in the prompt):
+    label tasks `{"pred", "correct", "conf", "gold_p"}` (pred: the top token, or the top label word
+    with `label_set` confidence), free-text tasks `{"pred", "correct", "text"}` (pred: the parsed
+    answer, text: the decoded generation)."""
+    if not examples:
+        return []
     prompts = prompts_for(spec, examples, demos, demo_spec)
     if spec.answer_type == "label":
         logits = next_token_logits(model, tokenizer, prompts, cfg.batch_size, device)
         golds = [ex.answer for ex in examples]
         label_ids = label_token_ids(tokenizer, spec, format_query(spec, examples[0]))
         correct, conf, gold_p = score_labels(logits, golds, tokenizer, label_ids, cfg.confidence)
-        metrics = classification_metrics(conf, correct, gold_p, n_bins=cfg.ece_bins, scheme=cfg.ece_scheme)
-        metrics["confidence"] = cfg.confidence
-        return metrics
+        if cfg.confidence == "label_set":
+            words = list(label_ids)
+            preds = [words[i] for i in logits[:, [label_ids[w] for w in words]].argmax(-1).tolist()]
+        else:
+            preds = [tokenizer.decode([i]) for i in logits.argmax(-1).tolist()]
+        return [{"pred": p, "correct": bool(c), "conf": float(f), "gold_p": float(g)}
+                for p, c, f, g in zip(preds, correct, conf, gold_p)]
     budget = cfg.max_new_tokens or spec.max_new_tokens
     generated = greedy_generate(model, tokenizer, prompts, budget, stop_strings=spec.stop_strings,
                                 batch_size=cfg.batch_size)
-    correct = []
+    out = []
     for gen, ex in zip(generated, examples):
-        pred = parse_answer(spec, tokenizer.decode(gen.token_ids.tolist(), skip_special_tokens=True))
+        text = tokenizer.decode(gen.token_ids.tolist(), skip_special_tokens=True)
+        pred = parse_answer(spec, text)
         gold = PARSERS[spec.parser](ex.answer)
-        correct.append(pred is not None and pred == (gold if gold is not None else ex.answer.strip()))
-    return {"acc": sum(correct) / len(correct), "n": len(correct), "ece": None}
+        out.append({"pred": pred, "correct": pred is not None and pred == (gold if gold is not None else ex.answer.strip()),
+                    "text": text})
+    return out
 
 
-def icl_baseline(model, tokenizer, spec: TaskSpec, examples: Sequence[Example],
-                 draws: Sequence[Sequence[Example]], cfg: EvalConfig, device,
-                 demo_spec: Optional[TaskSpec] = None) -> dict:
-    """The base model with N-1 demos (from outside the training set), averaged over demo draws."""
-    runs = [evaluate(model, tokenizer, spec, examples, cfg, device, demos=d, demo_spec=demo_spec) for d in draws]
+def rows_metrics(spec: TaskSpec, scored: Sequence[dict], cfg: EvalConfig) -> dict:
+    """The metrics of scored rows (`score_rows`): accuracy, and for label tasks confidence-based ECE
+    (with its reliability bins), NLL and Brier."""
+    if spec.answer_type == "label":
+        metrics = classification_metrics([r["conf"] for r in scored], [r["correct"] for r in scored],
+                                         [r["gold_p"] for r in scored], n_bins=cfg.ece_bins, scheme=cfg.ece_scheme)
+        metrics["confidence"] = cfg.confidence
+        return metrics
+    return {"acc": sum(r["correct"] for r in scored) / len(scored), "n": len(scored), "ece": None}
+
+
+def evaluate(model, tokenizer, spec: TaskSpec, examples: Sequence[Example], cfg: EvalConfig, device,
+             demos: Optional[Sequence[Example]] = None, demo_spec: Optional[TaskSpec] = None) -> dict:
+    """Metrics of `model` on `examples` (zero-shot, or with `demos` of task `demo_spec` in the prompt)."""
+    return rows_metrics(spec, score_rows(model, tokenizer, spec, examples, cfg, device, demos, demo_spec), cfg)
+
+
+def icl_summary(runs: Sequence[dict]) -> dict:
+    """The ICL baseline's metrics: the mean over its demo draws (and each draw's accuracy)."""
     out = {"draws": len(runs), "n": runs[0]["n"]}
     for key in ("acc", "ece", "nll", "brier"):
         values = [r[key] for r in runs if r.get(key) is not None]
         out[key] = sum(values) / len(values) if values else None
     out["per_draw_acc"] = [r["acc"] for r in runs]
     return out
+
+
+def icl_baseline(model, tokenizer, spec: TaskSpec, examples: Sequence[Example],
+                 draws: Sequence[Sequence[Example]], cfg: EvalConfig, device,
+                 demo_spec: Optional[TaskSpec] = None) -> dict:
+    """The base model with N-1 demos (from outside the training set), averaged over demo draws."""
+    return icl_summary([evaluate(model, tokenizer, spec, examples, cfg, device, demos=d, demo_spec=demo_spec)
+                        for d in draws])

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ia2ray.config.schema import LoraConfig, ModelConfig
 from ia2ray.core.fingerprint import content_hash
@@ -54,6 +54,32 @@ def model_dir(cfg: ModelConfig) -> str:
     return str(build_tiny_checkpoint(ia2ray_home() / "models" / f"tiny-{arch}", arch=arch))
 
 
+_configs: dict[str, object] = {}  # model config (JSON) -> its transformers config, read once per process
+
+
+def model_config(cfg: ModelConfig):
+    """The model's transformers config (no weights), read once per process."""
+    key = content_hash(cfg.model_dump(mode="json"))
+    if key not in _configs:
+        _configs[key] = AutoConfig.from_pretrained(model_dir(cfg), revision=cfg.revision,
+                                                   trust_remote_code=cfg.trust_remote_code)
+    return _configs[key]
+
+
+def model_depth(cfg: ModelConfig) -> int:
+    """Number of decoder layers, from the model's config."""
+    return model_config(cfg).num_hidden_layers
+
+
+def load_tokenizer(cfg: ModelConfig):
+    """The model's tokenizer, with a pad token (the EOS token when it has none)."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir(cfg), revision=cfg.revision,
+                                              trust_remote_code=cfg.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 @dataclass
 class _Kept:
     """The base model this process keeps between runs (a warm Ray Tune trial actor)."""
@@ -87,9 +113,7 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", keep: bool 
     if keep:
         _kept = None  # free the old model before loading the new one
     path = model_dir(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(cfg)
     model = AutoModelForCausalLM.from_pretrained(
         path, revision=cfg.revision, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
     )

@@ -41,6 +41,7 @@ class PreparedStudy:
     source: str
     tracking_uri: Optional[str] = None  # MLflow; None: tracking off
     remote: Optional[str] = None  # the study folder's bucket URI; study_dir is then this node's copy
+    fingerprint: Optional[str] = None  # the model's, computed once when the study runs
 
     @property
     def location(self) -> str:
@@ -122,7 +123,8 @@ def check_model(study: StudyFile, base: RunConfig, source: str) -> bool:
     from transformers import AutoConfig
 
     from ia2ray.core.model import model_dir
-    from ia2ray.core.pipeline import preflight, prepare_data
+    from ia2ray.core.preflight import preflight
+    from ia2ray.core.rundata import prepare_data
     from ia2ray.data.loaders import DataError
 
     try:
@@ -236,6 +238,7 @@ def run_study(p: PreparedStudy, resume: bool) -> dict:
     """Run the study (Ray must be reachable); returns {"table", "report", "errors", "timings", "rows",
     "tracking"}. Raises ConfigError / TrackingError before any compute when the cluster or MLflow
     does not fit."""
+    from ia2ray.core.teacher import model_fingerprint
     from ia2ray.study.records import start_study_run
     from ia2ray.train.launch import ensure_ray, pin_train_helpers
 
@@ -248,6 +251,7 @@ def run_study(p: PreparedStudy, resume: bool) -> dict:
             shutil.rmtree(p.study_dir, ignore_errors=True)
         fetched = pull(p.remote, skip=(*REMOTE_ONLY, "runs")) + download_runs(p)
         log.info("study folder %s, local copy %s (%d files fetched)", p.remote, p.study_dir, fetched)
+    p.fingerprint = model_fingerprint(p.base)  # once per study: trials and captures get it passed down
     sid = study_id(p.study_dir)
     p.study_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(p.study_dir / "study.yaml", dump_yaml(p.study))
@@ -257,7 +261,7 @@ def run_study(p: PreparedStudy, resume: bool) -> dict:
         for line in left:
             log.warning("MLflow: not logged: %s", line)
         parent, tracking = start_study_run(p.tracking_uri, p.study, p.base, p.study_dir, sid,
-                                           p.base.task.name, describe(p.study))
+                                           p.base.task.name, describe(p.study), p.fingerprint)
         log.info("MLflow: %s, experiment %s, study run %s", p.tracking_uri, p.study.name, parent.run_id)
     write_json_atomic(p.study_dir / "study.json", {"name": p.study.name, "study": p.study.model_dump(mode="json"),
                                                     "source": p.source, "started": time.time(), "study_id": sid})
@@ -322,9 +326,9 @@ def _run(p: PreparedStudy, resume: bool, parent, tracking: Optional[dict]) -> di
     for line in plan.describe():
         log.info("%s", line)
     ctx = TrialContext(str(p.study_dir), p.base.model_dump(mode="json"), p.study.model_dump(mode="json"), tracking,
-                       p.remote)
+                       p.remote, p.fingerprint)
     t = time.perf_counter()
-    capture_all(teacher_variants(p.base, p.study), p.study_dir, plan.use_gpu)
+    capture_all(teacher_variants(p.base, p.study), p.study_dir, plan.use_gpu, p.fingerprint)
     timings["teacher"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -48,20 +48,20 @@ def code_version() -> str:
     return f"{version} ({sha.stdout.strip()}{'-dirty' if dirty.stdout.strip() else ''})"
 
 
-def common_tags(study: StudyFile, base: RunConfig, study_id: str, task: str) -> dict[str, str]:
-    from ia2ray.core.fingerprint import fingerprint_model
+def common_tags(study: StudyFile, base: RunConfig, study_id: str, task: str, fingerprint: str) -> dict[str, str]:
+    """Tags of the study's runs; `fingerprint`: the model's (`ia2ray.core.teacher.model_fingerprint`)."""
     from ia2ray.core.model import model_dir
 
-    revision, weights = base.model.revision or "main", model_dir(base.model)
-    if Path(weights).is_dir():  # local weights: by content
-        revision = "sha256:" + fingerprint_model(weights)[:16]
+    revision = base.model.revision or "main"
+    if Path(model_dir(base.model)).is_dir():  # local weights: by content
+        revision = "sha256:" + fingerprint[:16]
     return {tag("study"): study.name, tag("study_id"): study_id, tag("code_version"): code_version(),
             tag("model"): base.model.path, tag("model_revision"): revision, tag("task"): task,
             tag("n"): str(base.data.n)}
 
 
 def start_study_run(uri: str, study: StudyFile, base: RunConfig, study_dir: Path, study_id: str, task: str,
-                    search_lines: list[str]) -> tuple[RunLog, dict]:
+                    search_lines: list[str], fingerprint: str) -> tuple[RunLog, dict]:
     """Open the experiment and the study's parent run (found again on --resume). Raises TrackingError
     when MLflow cannot be reached: nothing has been computed yet. Returns the parent and what trials
     need to open their own runs (`TrialContext.tracking`)."""
@@ -73,7 +73,7 @@ def start_study_run(uri: str, study: StudyFile, base: RunConfig, study_dir: Path
         experiment_id = open_experiment(uri, study.name, artifacts)
     except TrackingError as exc:
         raise TrackingError(f"{exc}\nMLflow cannot be reached: {hint}") from None
-    tags = common_tags(study, base, study_id, task)
+    tags = common_tags(study, base, study_id, task, fingerprint)
     parent = RunLog(uri, experiment_id, {tag("study_id"): study_id, tag("role"): "study"},
                     {**tags, tag("role"): "study"}, run_name=study.name)
     settings = study.study.model_dump(mode="json", exclude={"tracking_uri"})  # may change on --resume

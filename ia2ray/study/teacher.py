@@ -12,9 +12,10 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Optional
 
 from ia2ray.config.schema import RunConfig, StudyFile
-from ia2ray.core.pipeline import uses_teacher
+from ia2ray.core.items import uses_teacher
 from ia2ray.study.space import apply_params
 
 log = logging.getLogger(__name__)
@@ -44,29 +45,14 @@ def teacher_variants(base: RunConfig, study: StudyFile) -> list[RunConfig]:
             for seed in seeds for site in sorted(sites)]
 
 
-def _capture_one(cfg_json: dict) -> dict:
-    """Ray task body: load data and model, capture the teacher (or find it cached)."""
-    from ia2ray.core.model import load_model, resolve_device
-    from ia2ray.core.pipeline import capture_teacher, prepare_data
+def capture_all(variants: list[RunConfig], study_dir: Path, use_gpu: bool, fingerprint: Optional[str] = None) -> list[dict]:
+    """Capture every variant's teacher as parallel Ray tasks (`fingerprint`: the model's, computed once
+    by the study); append each outcome to teacher.jsonl."""
+    from ia2ray.train.capture import capture_remote
 
-    cfg = RunConfig.model_validate(cfg_json)
-    start = time.perf_counter()
-    data = prepare_data(cfg)
-    model, tokenizer = load_model(cfg.model, resolve_device(cfg.train.device))
-    teacher = capture_teacher(cfg, model, tokenizer, data, progress=False)
-    return {"key": teacher.key, "computed": not teacher.hit, "seed": cfg.data.seed, "site": cfg.align.site,
-            "task": cfg.task.name, "n": cfg.data.n, "prompts": len(teacher.records),
-            "seconds": round(time.perf_counter() - start, 2)}
-
-
-def capture_all(variants: list[RunConfig], study_dir: Path, use_gpu: bool) -> list[dict]:
-    """Capture every variant's teacher as parallel Ray tasks; append each outcome to teacher.jsonl."""
-    if not variants:
+    outcomes = capture_remote(variants, use_gpu, fingerprint)
+    if not outcomes:
         return []
-    import ray
-
-    task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0, max_retries=1)(_capture_one)
-    outcomes = ray.get([task.remote(v.model_dump(mode="json")) for v in variants])
     with open(study_dir / "teacher.jsonl", "a") as fh:
         for o in outcomes:
             log.info("teacher capture %s: key %s (seed %d, site %s, %d prompts, %.1f s)",

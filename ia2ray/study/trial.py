@@ -40,8 +40,9 @@ class TrialContext:
     study_dir: str
     base: dict  # the run config every trial starts from (JSON), study paths filled in
     study: dict  # the study file (JSON), for decoding sampled points and the objective
-    tracking: Optional[dict] = None  # MLflow target of the trials' runs (`track.start_study_run`); None: off
+    tracking: Optional[dict] = None  # MLflow target of the trials' runs (`records.start_study_run`); None: off
     remote: Optional[str] = None  # the study folder's bucket URI (trials then work in their node's copy)
+    fingerprint: Optional[str] = None  # the model's, computed once by the study (`core.teacher.model_fingerprint`)
 
     def folder(self) -> Path:
         """The study folder as this node sees it: its local copy of a bucket study, else the folder."""
@@ -91,11 +92,16 @@ def run_folder(ctx: TrialContext, cfg: RunConfig) -> Iterator[Path]:
 
 
 def run_and_save(cfg: RunConfig, out: Path, splits: tuple[str, ...], extra: dict, icl: bool = False,
-                 run: Optional[RunLog] = None) -> dict:
+                 run: Optional[RunLog] = None, fingerprint: Optional[str] = None) -> dict:
     """Train and evaluate `cfg` (teacher from the cache only), or with `icl` evaluate only the ICL
-    baseline; write summary.json (with the stage histories) and adapter/ into `out` (`run_dir`).
-    The stage losses go to the MLflow `run` as they happen."""
-    from ia2ray.core.pipeline import prepare_data, run_icl, run_pipeline, train_in_process
+    baseline; write summary.json (with the stage histories), answers.json and adapter/ into `out`
+    (`run_dir`). The stage losses go to the MLflow `run` as they happen. With `train.num_workers >= 1`
+    the Ray Train workers train and evaluate, and this process loads no weights; with 0 the trial
+    trains in its own process, which keeps the base model loaded for its actor's next trial."""
+    from ia2ray.core.pipeline import run_in_process, run_pipeline
+    from ia2ray.core.rundata import prepare_data
+    from ia2ray.core.teacher import cache_location
+    from ia2ray.mirror import bucket_sync
 
     start = time.perf_counter()
     resolved = cfg.model_dump(mode="json")
@@ -105,28 +111,34 @@ def run_and_save(cfg: RunConfig, out: Path, splits: tuple[str, ...], extra: dict
         if previous.get("config") == resolved:
             log.info("run %s already finished; reusing %s", cfg.name, done)
             return previous
-    on_log = log_history(run)
+    on_log, runner = log_history(run), run_in_process
     warm = cfg.train.num_workers == 0  # the trial trains in this process, with the CPUs and memory it reserved:
     if warm:  # as many torch threads as CPUs (Ray set OMP_NUM_THREADS from the request), and the base model
         import torch  # stays loaded in this Tune actor for its next trial (`load_model(keep=True)`)
 
         torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
-    if icl:
-        summary = run_icl(cfg, splits=splits, keep_model=warm)
-    else:
-        trainer = train_in_process
-        if cfg.train.num_workers >= 1:  # the Train workers log the stage losses live (rank 0)
-            from ia2ray.train.ray_stages import train_with_ray
+    else:  # the Train workers log the stage losses live (rank 0)
+        from ia2ray.train.ray_stages import run_with_ray
 
-            trainer, on_log = partial(train_with_ray, tracking=run.target() if run else None), None
-        outcome = run_pipeline(cfg, data=prepare_data(cfg), progress=False, train_stages=trainer, splits=splits,
-                               cached_teacher_only=True, on_log=on_log, keep_model=warm)
-        summary = outcome.summary | {"history": outcome.history}
-        with atomic_dir(out / "adapter") as tmp:
-            outcome.model.save_pretrained(tmp)
-    summary.update(extra, seconds=round(time.perf_counter() - start, 3), config=resolved, driver_node=_node_id())
+        runner, on_log = partial(run_with_ray, tracking=run.target() if run else None), None
+    outcome = run_pipeline(cfg, data=prepare_data(cfg), progress=False, runner=runner, splits=splits,
+                           cached_teacher_only=True, on_log=on_log, keep_model=warm, icl_only=icl,
+                           sync=bucket_sync(cache_location(cfg)), fingerprint=fingerprint)
+    summary = outcome.summary | {"history": outcome.history}
+    if not icl:
+        outcome.save_adapter(out / "adapter")
+    write_json_atomic(out / "answers.json", outcome.answers)
+    summary.update(extra, seconds=round(time.perf_counter() - start, 3), config=resolved, driver_node=_node_id(),
+                   driver_rss_mb=round(_peak_rss_mb(), 1))
     write_json_atomic(out / "summary.json", summary)
     return summary
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory so far (MB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _node_id() -> Optional[str]:
@@ -147,7 +159,7 @@ def search_trial(config: dict, ctx: TrialContext) -> None:
     run = trial_run(ctx.tracking, trial_id, cfg, "search", {"trial_id": trial_id})
     with run_folder(ctx, cfg) as out, running(run, out):
         summary = run_and_save(cfg, out, ("val",), {"trial_id": trial_id, "params": params, "phase": "search"},
-                               run=run)
+                               run=run, fingerprint=ctx.fingerprint)
         metrics = objective_metrics(summary, study)
         log_result(run, out, cfg, summary, ("val",), metrics)
     tune.report(metrics)
@@ -167,13 +179,13 @@ def confirm_trial(config: dict, ctx: TrialContext) -> None:
                        **{"data.seed": row["seed"], "eval.icl_baseline": row["icl"]})
     tags = {"label": row["label"], "trial_id": tune.get_context().get_trial_id(),
             **({"pipeline": "icl"} if row["icl"] else {})}
-    from ia2ray.core.pipeline import ood_split
+    from ia2ray.core.rundata import ood_split
 
     run = trial_run(ctx.tracking, cfg.name, cfg, "confirm", tags)
     evaluated = ("val", *(ood_split(name) for name in cfg.task.ood), "test")  # test last: its reliability plot
     with run_folder(ctx, cfg) as out, running(run, out):
         summary = run_and_save(cfg, out, ("val", "test"), {"label": row["label"], "params": row["params"],
-                               "phase": "confirm"}, icl=row["icl"], run=run)
+                               "phase": "confirm"}, icl=row["icl"], run=run, fingerprint=ctx.fingerprint)
         log_result(run, out, cfg, summary, evaluated)
     tune.report({f"{split}/{key}": summary[split][key] for split in evaluated for key in ("acc", "ece")
                  if summary[split].get(key) is not None})

@@ -6,7 +6,8 @@ A checkpoint directory holds:
   position in the stage (stage index, epoch, batch, step), the stage histories so far, and the
   fingerprint of the job that wrote it;
 - `rank-<r>.pt` (every rank): that rank's RNG states (restored when the world size is unchanged);
-- `adapter/` (final checkpoint only, rank 0): the best adapter as a peft directory;
+- `adapter/` (final checkpoint only, rank 0): the best adapter as a peft directory; the final
+  checkpoint's state also holds the workers' evaluation (metrics, answers, where it ran);
 - `COMPLETE.json` (rank 0, written last): format, world size, and the bytes and sha256 of `state.pt`.
 
 Ray Train merges the ranks' directories into one. `verify` refuses a directory without the marker,
@@ -28,7 +29,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2  # 2: the final checkpoint (`ckpt-<stages>-eval-end`) carries the evaluation
 STATE, MARKER = "state.pt", "COMPLETE.json"
 
 

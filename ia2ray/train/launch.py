@@ -14,7 +14,7 @@ import logging
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -33,10 +33,21 @@ class StageRunError(RuntimeError):
 
 @dataclass
 class FitOutcome:
-    adapter: dict  # best adapter of the last stage (full fp32, by parameter name)
+    adapter: Optional[dict]  # best adapter of the last stage (full fp32, by parameter name); None: no stages
     finished: list[dict]  # per stage: {"result": StageResult summary, "history": [...], "timings": {...}}
     checkpoint_dir: str  # final checkpoint (holds adapter/ as a peft directory)
     timings: dict  # seconds: "fit" (wall of trainer.fit)
+    evals: dict = field(default_factory=dict)  # the workers' evaluation: metrics per key, "icl" per key
+    answers: dict = field(default_factory=dict)  # per evaluated key: each row's prediction
+    workers: dict = field(default_factory=dict)  # rank 0: node, model loads, load and eval seconds, memory
+    adapter_files: dict = field(default_factory=dict)  # the final checkpoint's adapter/ (name -> bytes)
+
+
+def _outcome(state: dict, directory: Path, checkpoint: str, timings: dict) -> FitOutcome:
+    folder = directory / "adapter"
+    files = {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+    return FitOutcome(state["adapter"], state["finished"], checkpoint, timings, state["evals"], state["answers"],
+                      state["workers"], files)
 
 
 # Job-wide environment for Ray's processes: the Train controller polls its workers every 0.5 s instead
@@ -102,7 +113,7 @@ def fit(job: TrainJob, name: str, storage: str, use_gpu: Optional[bool] = None, 
         state = ckpt.read_state(latest, job.fingerprint)
         if state["done"]:  # a finished run: its final checkpoint is the result, no workers needed
             log.info("run %s already finished; using %s", name, latest)
-            return FitOutcome(state["adapter"], state["finished"], str(latest), {"fit": 0.0})
+            return _outcome(state, latest, str(latest), {"fit": 0.0})
     cfg = job.train
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {}), **cfg.worker_resources}
     trainer = TorchTrainer(
@@ -127,9 +138,9 @@ def fit(job: TrainJob, name: str, storage: str, use_gpu: Optional[bool] = None, 
         raise StageRunError(f"Ray Train run {name} ended without a checkpoint")
     with result.checkpoint.as_directory() as d:
         state = ckpt.read_state(Path(d), job.fingerprint)
-    if not state["done"]:
-        raise StageRunError(f"Ray Train run {name} ended before its last stage finished ({result.checkpoint.path})")
-    return FitOutcome(state["adapter"], state["finished"], result.checkpoint.path, {"fit": elapsed})
+        if not state["done"]:
+            raise StageRunError(f"Ray Train run {name} ended before its evaluation finished ({result.checkpoint.path})")
+        return _outcome(state, Path(d), result.checkpoint.path, {"fit": elapsed})
 
 
 def _worker_error(exc: Exception, name: str) -> Exception:

@@ -1,22 +1,31 @@
-"""The Ray Train stage trainer for `ia2ray.core.pipeline.run_pipeline` (`train.num_workers >= 1`).
+"""The Ray Train runner of `ia2ray.core.pipeline.run_pipeline` (`train.num_workers >= 1`).
 
-The driver keeps what it already does in one process (data, teacher capture into the cache, ICL
-baseline, final evaluation); the stages run as one Ray Train run named after the config's `name`,
-whose workers read teacher activations from the cache entry. The driver then loads the trained
-adapter into its own model for evaluation.
+This process (a trial driver, or `python -m ia2ray.run`) loads no model weights: it reads the
+tokenizer and the model's config, builds the training items from the teacher's cached token ids,
+and starts one Ray Train run named after the config's `name`. Its workers load the model once,
+train every stage on it (a fresh DeepSpeed engine and Adam per stage), then evaluate on their own
+device: the validation and test rows, the out-of-domain targets and the ICL baseline, the rows
+split over the ranks. Metrics, per-row answers and the adapter come back in the final checkpoint.
+
+A teacher that is not cached yet is captured by a Ray task (`ia2ray.train.capture`), which loads
+the model on its own (on a GPU when the cluster has one), unless the run may only read the cache.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Optional
 
 from ia2ray.config.schema import RunConfig
 from ia2ray.core.fingerprint import content_hash
 from ia2ray.core.gguf import SMOLLM2, is_gguf_path
-from ia2ray.core.model import add_lora, load_trainable_state, model_dir
-from ia2ray.core.pipeline import StageWork, Teacher
+from ia2ray.core.items import StageWork, stage_work, uses_teacher
+from ia2ray.core.model import LOADS, load_tokenizer, model_depth, model_dir, resolve_layers
+from ia2ray.core.pipeline import RunRequest, RunResult
+from ia2ray.core.runeval import EvalPlan
+from ia2ray.core.teacher import Teacher, cache_location, cached_teacher_tokens, not_cached
 from ia2ray.train.dsconfig import load_preset, zero_stage
 from ia2ray.train.launch import fit
 from ia2ray.train.worker import ItemRef, StageSpec, TrainJob
@@ -38,7 +47,7 @@ def check_train_config(cfg: RunConfig) -> None:
 
 
 def make_job(cfg: RunConfig, pad_id: int, stages: list[StageWork], teacher: Optional[Teacher],
-             tracking: Optional[dict] = None) -> TrainJob:
+             tracking: Optional[dict] = None, evals: Optional[EvalPlan] = None) -> TrainJob:
     specs = []
     for work in stages:
         n_train = len(work.train_items)
@@ -57,30 +66,62 @@ def make_job(cfg: RunConfig, pad_id: int, stages: list[StageWork], teacher: Opti
         "precision": cfg.train.precision, "teacher": teacher.key if teacher else None,
         "stages": [[s.name, s.objective.__dict__, s.settings.__dict__, [r.__dict__ for r in s.train + s.dev]]
                    for s in specs],
+        "evals": evals.fingerprint() if evals else None,
     })
     return TrainJob(model=model, lora=cfg.lora, lora_seed=cfg.train.seed, train=cfg.train,
                     deepspeed=load_preset(cfg.train.deepspeed), stages=specs,
                     pad_id=pad_id, fingerprint=fingerprint,
-                    teacher_cache=(teacher.cache_root, teacher.key) if teacher else None, tracking=tracking)
+                    teacher_cache=(teacher.cache_root, teacher.key) if teacher else None, tracking=tracking,
+                    evals=evals)
 
 
-def train_with_ray(cfg: RunConfig, model, tokenizer, stages: list[StageWork], teacher: Optional[Teacher], on_log=None,
-                   tracking: Optional[dict] = None):
-    """Stage trainer: one Ray Train run for all stages; returns the driver's model with the adapter.
-    `on_log` sees the stage histories when the run has finished; with `tracking` (an MLflow run's
-    `RunLog.target()`) rank 0 logs them to that run as they happen."""
-    job = make_job(cfg, tokenizer.pad_token_id, stages, teacher, tracking)
+def teacher_tokens(req: RunRequest, tokenizer) -> Teacher:
+    """The teacher's token ids from the cache; on a miss (unless the run may only read the cache) the
+    teacher is captured first by a Ray task."""
+    cfg = req.cfg
+    key, teacher = cached_teacher_tokens(cfg, tokenizer, req.data, req.sync, req.fingerprint)
+    if teacher is None:
+        if req.cached_teacher_only:
+            raise not_cached(cfg, key, cache_location(cfg))
+        from ia2ray.train.capture import capture_remote
+
+        capture_remote([cfg], cfg.train.use_gpu, req.fingerprint)
+        key, teacher = cached_teacher_tokens(cfg, tokenizer, req.data, req.sync, req.fingerprint)
+    return teacher
+
+
+def run_with_ray(req: RunRequest, tracking: Optional[dict] = None) -> RunResult:
+    """The runner: one Ray Train run trains every stage and evaluates. `req.on_log` sees the stage
+    histories when the run has finished; with `tracking` (an MLflow run's `RunLog.target()`) rank 0
+    logs them to that run as they happen."""
+    cfg, data = req.cfg, req.data
+    clock = [time.perf_counter()]
+    loads = LOADS["cold"]
+    tokenizer = load_tokenizer(cfg.model)
+    layers = resolve_layers(cfg.align.layers, model_depth(cfg.model))
+    clock.append(time.perf_counter())
+    stages, teacher = [], None
+    if req.evals.trained:
+        teacher = teacher_tokens(req, tokenizer) if uses_teacher(cfg.pipeline) else None
+        stages = stage_work(cfg, tokenizer, data, layers, teacher)
+    job = make_job(cfg, tokenizer.pad_token_id, stages, teacher, tracking, req.evals)
+    clock.append(time.perf_counter())
     outcome = fit(job, cfg.name, train_storage(cfg), cfg.train.use_gpu)
+    clock.append(time.perf_counter())
     log.info("Ray Train run %s finished in %.1f s; final checkpoint %s", cfg.name, outcome.timings["fit"],
              outcome.checkpoint_dir)
-    model = add_lora(model, cfg.lora, seed=cfg.train.seed)
-    load_trainable_state(model, outcome.adapter)
-    # stage summaries carry the workers' timings (model load, DeepSpeed init, training), as recorded
-    # in the final checkpoint (a rerun of a finished run returns the same)
+    # stage summaries carry the workers' timings (DeepSpeed init, training), as recorded in the final
+    # checkpoint (a rerun of a finished run returns the same)
     results = [({**f["result"], "timings": f.get("timings", {}), "placement": f.get("placement", {})}, f["history"])
                for f in outcome.finished]
-    if on_log:
+    if req.on_log:
         for summary, history in results:
             for h in history:
-                on_log(summary["name"], h)
-    return model, results
+                req.on_log(summary["name"], h)
+    workers = outcome.workers
+    driver_loads = LOADS["cold"] - loads
+    timings = {k: round(b - a, 3) for k, a, b in zip(("load_s", "prepare_s", "train_stages_s"), clock, clock[1:])}
+    timings["eval_s"] = workers.get("eval_s", 0.0)  # inside the workers, part of train_stages_s
+    return RunResult(results, outcome.evals, outcome.answers, layers, driver_loads + workers.get("model_loads", 0),
+                     driver_loads, workers.get("node_id", ""), timings, tokenizer=tokenizer,
+                     adapter_files=outcome.adapter_files, workers=workers)

@@ -7,6 +7,8 @@ rank, in the same order. Stage 0 in fp32 keeps plain parameters and a plain torc
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from deepspeed.utils import (
     safe_get_full_fp32_param,
@@ -46,6 +48,23 @@ def adapter_state(engine) -> dict[str, torch.Tensor]:
         full = safe_get_full_fp32_param(p) if _zero_managed(p) else p.detach()
         out[name] = full.detach().to("cpu", torch.float32, copy=True).reshape(_shape(p))
     return out
+
+
+def set_module_adapter(module, adapter: dict[str, torch.Tensor]) -> None:
+    """Copy a full adapter (by parameter name) into the module's trainable parameters, outside any
+    engine: before a stage's engine is built, and before evaluation. Parameters that an earlier ZeRO-3
+    engine partitioned are gathered, set on rank 0 and partitioned again (collective: every rank)."""
+    import deepspeed
+
+    params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    missing = sorted(set(params) - set(adapter))
+    if missing:
+        raise KeyError(f"adapter has no weights for {missing[:3]}")
+    partitioned = [p for p in params.values() if hasattr(p, "ds_id")]
+    gather = deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0) if partitioned else nullcontext()
+    with gather, torch.no_grad():
+        for name, p in params.items():
+            p.copy_(adapter[name].to(p.device, p.dtype).view_as(p))
 
 
 def optimizer_state(engine) -> dict[str, dict[str, torch.Tensor]]:

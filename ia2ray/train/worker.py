@@ -1,10 +1,14 @@
-"""The per-worker loop of a Ray Train run: the stages of one pipeline, each on a DeepSpeed engine.
+"""The per-worker loop of a Ray Train run: the stages of one pipeline on one model, then evaluation.
 
-Every rank runs this function. For each stage it builds the model, puts the stage's starting adapter
-in it, wraps it in a DeepSpeed engine with a fresh torch Adam (ZeRO stage from the config) and runs
-the one stage loop of `ia2ray.core.stages` on it (`WorkerEngine`): the same global batches in the
-same order as in one process, dev loss every `eval_every` steps and at epoch ends, early stopping,
-and the best adapter carried to the next stage; checkpoints and Ray Train reports hang on its hooks.
+Every rank runs this function. It loads the base model once and adds the LoRA adapter. For each stage
+it puts the stage's starting adapter in the model, wraps it in a fresh DeepSpeed engine with a fresh
+torch Adam (ZeRO stage from the config) and runs the one stage loop of `ia2ray.core.stages` on it
+(`WorkerEngine`): the same global batches in the same order as in one process, dev loss every
+`eval_every` steps and at epoch ends, early stopping, and the best adapter carried to the next stage;
+checkpoints and Ray Train reports hang on its hooks. The engine is destroyed at the stage's end; the
+model stays. After the last stage the ranks evaluate the best adapter (and the ICL baseline) on their
+own devices, each rank every W-th row (under ZeRO-3 with the parameters gathered whole), and the
+final checkpoint carries the metrics, the answers and the adapter.
 Each global batch is split across ranks in a world-size-independent way (rank r takes slots r, r+W,
 ...), and each rank's loss is weighted so the summed gradient equals the gradient of the mean loss
 over the real examples of the batch: 1 worker and W workers take the same steps.
@@ -29,9 +33,10 @@ import torch
 
 from ia2ray.config.schema import LoraConfig, ModelConfig, TrainConfig
 from ia2ray.core.batches import TrainItem, collate
-from ia2ray.core.cache import ActivationCache, CacheError, fetch_entry
-from ia2ray.core.model import add_lora, load_model, load_trainable_state
+from ia2ray.core.cache import ActivationCache, CacheError
+from ia2ray.core.model import LOADS, add_lora, load_model
 from ia2ray.core.objective import StageObjective, stage_loss
+from ia2ray.core.runeval import run_evals
 from ia2ray.core.stages import (
     EarlyStopping,
     LoopState,
@@ -44,14 +49,13 @@ from ia2ray.core.stages import (
     stage_loop,
 )
 from ia2ray.fileio import require_visible
-from ia2ray.mirror import is_remote
+from ia2ray.mirror import bucket_sync
 from ia2ray.tracking import RunLog
 from ia2ray.tracking.shape import step_metrics
 from ia2ray.train import checkpoint as ckpt
 from ia2ray.train.dsconfig import batch_geometry, deepspeed_config, zero_stage
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,7 @@ class TrainJob:
     fingerprint: str
     teacher_cache: Optional[tuple[str, str]] = None  # (cache root, entry key)
     tracking: Optional[dict] = None  # MLflow run (`RunLog.target()`) rank 0 logs the stage losses into, live
+    evals: Optional[object] = None  # `ia2ray.core.runeval.EvalPlan` scored after the last stage (None: nothing)
     init_adapter: Optional[dict] = None  # adapter the first stage starts from (default: fresh LoRA)
     stage_offset: int = 0  # index of stages[0] in the whole pipeline (names checkpoints)
     crash_after: Optional[tuple[str, int]] = None  # test fault injection: (stage, step) after whose checkpoint workers exit
@@ -103,6 +108,7 @@ class WorkerContext:
     finished: list[dict] = field(default_factory=list)  # {"result": StageResult summary, "history": [...]}
     live: Optional[RunLog] = None  # rank 0's MLflow run, when the job has one
     node_id: Optional[str] = None  # the Ray node this worker runs on
+    loaded: dict = field(default_factory=dict)  # the model load: count, seconds, resident memory after
 
 
 def record(stage: str, entry: dict, wc: WorkerContext) -> None:
@@ -137,20 +143,29 @@ def train_loop_per_worker(config: dict) -> None:
     wc.finished = list(resume["finished"]) if resume else []
     if job.tracking and wc.rank == 0:
         wc.live = RunLog.from_state(job.tracking)
+    clock = time.perf_counter()
+    loads = LOADS["cold"]
+    model, tokenizer = load_model(job.model, "cpu")  # once: every stage and the evaluation use it
+    if job.stages:
+        model = add_lora(model, job.lora, seed=job.lora_seed)
+    wc.loaded = {"model_loads": LOADS["cold"] - loads, "load_model_s": time.perf_counter() - clock,
+                 "rss_loaded_mb": _rss_mb()}
     try:
         for index in range(start_index, len(job.stages)):
             mid_stage = resume if resume and resume["stage_index"] == index and resume["position"] else None
-            adapter = run_stage(job, index, teacher, adapter, mid_stage, wc)
+            adapter = run_stage(job, index, model, teacher, adapter, mid_stage, wc)
             resume = None
     finally:  # also when a stage fails: its last losses reach MLflow (the driver fills gaps on success)
         if wc.live is not None:
             for line in wc.live.close(tries=1):
                 log.warning("MLflow: not logged from the Train worker: %s", line)
+    finish(job, model, tokenizer, adapter, wc)
 
 
-def run_stage(job: TrainJob, index: int, teacher: dict, adapter: Optional[dict], resume: Optional[dict],
+def run_stage(job: TrainJob, index: int, model, teacher: dict, adapter: Optional[dict], resume: Optional[dict],
               wc: WorkerContext) -> dict:
-    """Train one stage from `adapter` (or from the `resume` state); returns its best adapter."""
+    """Train one stage of `model` from `adapter` (or from the `resume` state) on a fresh DeepSpeed
+    engine; returns its best adapter."""
     import deepspeed
 
     from ia2ray.train.state import (
@@ -158,6 +173,7 @@ def run_stage(job: TrainJob, index: int, teacher: dict, adapter: Optional[dict],
         load_optimizer_state,
         optimizer_state,
         optimizer_step,
+        set_module_adapter,
     )
 
     spec = job.stages[index]
@@ -171,17 +187,15 @@ def run_stage(job: TrainJob, index: int, teacher: dict, adapter: Optional[dict],
         objective = StageObjective(**{**objective.__dict__, "stop_early": False})
 
     clock = {"start": time.perf_counter(), "rss_start": _rss_mb()}
-    model, _ = load_model(job.model, "cpu")
-    model = add_lora(model, job.lora, seed=job.lora_seed)
     start = resume["adapter"] if resume else adapter
     if start is not None:
-        load_trainable_state(model, start)
+        set_module_adapter(model, start)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=s.lr, weight_decay=0.0)
     ds_cfg = deepspeed_config(job.train, wc.world, wc.on_gpu, job.deepspeed)
-    clock["model_loaded"] = time.perf_counter()
+    clock["adapter_set"] = time.perf_counter()
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg, dist_init_required=False)
-    del model, optimizer
+    del optimizer
     clock["engine_ready"] = time.perf_counter()
 
     state = None
@@ -197,7 +211,7 @@ def run_stage(job: TrainJob, index: int, teacher: dict, adapter: Optional[dict],
     stage = WorkerEngine(engine, geo, objective, job.pad_id, wc, name, s.batch_size, dev_shard, dev_batches,
                          train_items[0])
 
-    def save(state: LoopState, final: bool, stage_done: bool, metrics: dict) -> None:
+    def save(state: LoopState, stage_done: bool, metrics: dict) -> None:
         pos, stopper = state.position, state.stopper
         moments = {} if stage_done else optimizer_state(engine)
         ckpt_state = {
@@ -208,10 +222,10 @@ def run_stage(job: TrainJob, index: int, teacher: dict, adapter: Optional[dict],
             "moments": moments, "adam_step": 0 if stage_done else optimizer_step(engine),
             "stopper": None if stage_done else {k: getattr(stopper, k) for k in ("best", "best_step", "bad_checks", "best_state")},
             "result": None if stage_done else state.result.__dict__.copy(),
-            "finished": wc.finished, "done": final,
+            "finished": wc.finished, "done": False,
         }
-        _report(ckpt_state, metrics, final, wc, job, engine if final else None,
-                ckpt.checkpoint_name(job.stage_offset + index, name, None if stage_done else pos.step))
+        _report(ckpt_state, metrics, wc, ckpt.checkpoint_name(job.stage_offset + index, name,
+                                                               None if stage_done else pos.step))
         if job.crash_after == (name, pos.step) and not stage_done:
             log.warning("fault injection: worker exits after the checkpoint of step %d", pos.step)
             os._exit(1)
@@ -230,7 +244,7 @@ def run_stage(job: TrainJob, index: int, teacher: dict, adapter: Optional[dict],
     def after_step(state: LoopState, entry: dict, checked: bool) -> None:
         extra = {k: entry[k] for k in ("train_loss", "dev_loss") if k in entry}
         if job.train.checkpoint_every and state.position.step % job.train.checkpoint_every == 0:
-            save(state, False, False, fields(state, **extra))
+            save(state, False, fields(state, **extra))
         elif checked:
             report_check(state, **extra)
 
@@ -239,8 +253,8 @@ def run_stage(job: TrainJob, index: int, teacher: dict, adapter: Optional[dict],
                        after_step=after_step)
     result, stopper = state.result, state.stopper
     clock["trained"] = time.perf_counter()
-    timings = {"load_model_s": clock["model_loaded"] - clock["start"],
-               "deepspeed_init_s": clock["engine_ready"] - clock["model_loaded"],
+    timings = {"set_adapter_s": clock["adapter_set"] - clock["start"],
+               "deepspeed_init_s": clock["engine_ready"] - clock["adapter_set"],
                "train_s": clock["trained"] - clock["engine_ready"], "rss_start_mb": clock["rss_start"],
                "rss_end_mb": _rss_mb(), "worker_start_s": wc.started - wc.launched if wc.launched else None}
     # where rank 0 trained the stage, and the step it resumed from (a restarted or preempted worker group)
@@ -248,9 +262,8 @@ def run_stage(job: TrainJob, index: int, teacher: dict, adapter: Optional[dict],
     wc.finished.append({"result": result.summary(), "history": result.history, "timings": timings,
                         "placement": placement})
     best = stopper.best_state
-    final = index == len(job.stages) - 1
-    save(state, final, True, fields(state, stage_done=True))
-    engine.destroy()  # frees DeepSpeed's buffers and hooks; the next stage builds its own engine
+    save(state, True, fields(state, stage_done=True))
+    engine.destroy()  # frees DeepSpeed's buffers and hooks; the next stage builds its own engine on the model
     if wc.on_gpu:
         torch.cuda.empty_cache()
     return best
@@ -364,11 +377,15 @@ def _load_teacher(job: TrainJob, wc: WorkerContext) -> dict:
         wanted |= {r.record for r in spec.train if r.record is not None}
         wanted |= {r.record for r in spec.dev[wc.rank :: wc.world] if r.record is not None}
     location, key = job.teacher_cache
-    cache = ActivationCache(fetch_entry(location, key))  # a bucket cache: fetched to this node first
-    if not is_remote(location):
+    sync = bucket_sync(location)
+    if sync is None:
+        cache = ActivationCache(location)
         require_visible(cache.path(key), "the teacher cache entry")
-    elif not cache.has(key):
-        raise CacheError(f"teacher cache entry {key} is not in {location} (its capture did not finish)")
+    else:  # a bucket cache: the entry is fetched to this node first
+        sync.fetch(key)
+        cache = ActivationCache(sync.root())
+        if not cache.has(key):
+            raise CacheError(f"teacher cache entry {key} is not in {location} (its capture did not finish)")
     return cache.load_subset(key, sorted(wanted)) if wanted else {}
 
 
@@ -402,15 +419,70 @@ def _report_metrics(metrics: dict) -> None:
     ray.train.report(metrics)
 
 
-def _report(state: dict, metrics: dict, final: bool, wc: WorkerContext, job: TrainJob, engine, dir_name: str) -> None:
-    """All ranks: write their part of a checkpoint and report it (a barrier in Ray Train)."""
+def _report(state: dict, metrics: dict, wc: WorkerContext, dir_name: str, adapter_dir=None) -> None:
+    """All ranks: write their part of a checkpoint and report it (a barrier in Ray Train). `adapter_dir`
+    (rank 0, the final checkpoint): writes the adapter as a peft folder into the given path."""
     import ray.train
 
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         ckpt.write_rank_part(d, wc.rank)
         if wc.rank == 0:
-            if final:
-                engine.module.save_pretrained(d / "adapter", state_dict=state["adapter"])
+            if adapter_dir is not None:
+                adapter_dir(d / "adapter")
             ckpt.write_state(d, state, wc.world)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=dir_name)
+
+
+def finish(job: TrainJob, model, tokenizer, adapter: Optional[dict], wc: WorkerContext) -> None:
+    """After the last stage: evaluate the best adapter where it is (every rank scores its share of the
+    rows), then report the final checkpoint with the metrics, the answers and the adapter."""
+    from ia2ray.train.state import set_module_adapter
+
+    start = time.perf_counter()
+    metrics, answers = {}, {}
+    if job.evals is not None:
+        if not job.stages:  # an ICL-only run: no DeepSpeed engine has placed the model
+            model.to(wc.device)
+        elif adapter is not None:
+            set_module_adapter(model, adapter)
+        with whole_parameters(model):
+            metrics, answers = run_evals(model, tokenizer, job.evals, wc.device, _shard(wc))
+    eval_s = time.perf_counter() - start
+    workers = {"node_id": wc.node_id, "world_size": wc.world, "device": str(wc.device), **wc.loaded,
+               "eval_s": round(eval_s, 3), "rss_end_mb": _rss_mb(),
+               "worker_start_s": wc.started - wc.launched if wc.launched else None}
+    state = {"format": ckpt.FORMAT, "fingerprint": job.fingerprint, "world_size": wc.world,
+             "stage_index": len(job.stages), "position": None, "adapter": adapter, "moments": {}, "adam_step": 0,
+             "stopper": None, "result": None, "finished": wc.finished, "done": True,
+             "evals": metrics, "answers": answers, "workers": workers}
+    save_adapter = None
+    if adapter is not None:
+        save_adapter = lambda path: model.save_pretrained(path, state_dict=adapter)  # noqa: E731
+    _report(state, {"stage": "eval", "step": 0, "done": True}, wc, ckpt.checkpoint_name(len(job.stages), "eval", None),
+            save_adapter)
+
+
+def whole_parameters(model):
+    """Every parameter whole on this rank while evaluating: a gather under ZeRO-3 (collective: call it on
+    every rank), nothing to do otherwise."""
+    partitioned = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if not partitioned:
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
+
+
+def _shard(wc: WorkerContext):
+    """This rank's share of the evaluation rows; the ranks exchange their scored rows."""
+    from ia2ray.core.runeval import Shard
+
+    def gather(mine: list) -> list[list]:
+        import torch.distributed as dist
+
+        out = [None] * wc.world
+        dist.all_gather_object(out, mine)
+        return out
+
+    return Shard(wc.rank, wc.world, gather) if wc.world > 1 else Shard()
