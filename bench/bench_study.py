@@ -2,12 +2,12 @@
 
     python bench/bench_study.py [--out bench/results/study-cpu.json] [--trials 2 4 8] [--quick]
 
-1. The default study (`python -m ia2ray.tune`, no --config: search_spaces/testbed.yaml) in a fresh
-   process: wall time, its phases (teacher capture, search, confirmation), search trials per hour.
-2. Search-only studies (confirmation off) of the same space with growing trial counts, to show how the
-   wall time and the compute share grow with the number of trials.
-3. The largest of those again with `train.num_workers=0` (stages trained inside the trial process, no
-   Ray Train workers), to show what the per-trial Ray Train start-up costs on a model this small.
+1. The default study (`python -m ia2ray.tune`, no --config: search_spaces/testbed.yaml, whose trials
+   train in-process and stay warm) in a fresh process: wall time, its phases (teacher capture, search,
+   confirmation), search trials per hour.
+2. The same study with every trial on one Ray Train worker (`train.num_workers=1`), in the same run.
+3. With `--trials`: search-only studies (confirmation off) with growing trial counts on Ray Train
+   workers, to show how the wall time and the compute share grow with the number of trials.
 
 For every trial, from its `summary.json`: `compute` = the stages' optimiser steps and dev checks
 (`train_s` measured inside the Train workers, or the whole in-process stage loop) + the validation
@@ -44,7 +44,8 @@ def trial_split(summary: dict) -> dict:
         train = t.get("train_stages_s", 0.0)
     compute = train + t.get("eval_s", 0.0)
     return {"wall_s": summary["seconds"], "compute_s": compute, "train_s": train, "eval_s": t.get("eval_s", 0.0),
-            "overhead_s": summary["seconds"] - compute}
+            "overhead_s": summary["seconds"] - compute, "model_loads": summary.get("model_loads"),
+            "driver_model_loads": summary.get("driver_model_loads"), "driver_rss_mb": summary.get("driver_rss_mb")}
 
 
 def run_study(config: str | None, storage: Path, sets: list[str], extra: tuple[str, ...] = ()) -> dict:
@@ -82,7 +83,7 @@ def run_study(config: str | None, storage: Path, sets: list[str], extra: tuple[s
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="bench/results/study-cpu.json")
-    parser.add_argument("--trials", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--trials", type=int, nargs="*", default=[])
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     no_confirm = ["study.confirm.top_k=0", "study.confirm.baselines=[]"]
@@ -94,16 +95,15 @@ def main() -> None:
         else:
             result["default_study"] = run_study(None, Path(tmp) / "default", [])
             print(json.dumps({k: v for k, v in result["default_study"].items() if k != "per_trial"}), flush=True)
+            r = run_study(None, Path(tmp) / "default-ray-train", ["train.num_workers=1"])
+            result["default_study_ray_train"] = r
+            print(json.dumps({k: v for k, v in r.items() if k != "per_trial"}), flush=True)
+            result["ray_train_over_in_process"] = round(r["process_wall_s"] / result["default_study"]["process_wall_s"], 2)
             result["growth"] = []
             for n in args.trials:
-                r = run_study(None, Path(tmp) / f"n{n}", [f"study.num_trials={n}", *no_confirm])
+                r = run_study(None, Path(tmp) / f"n{n}", [f"study.num_trials={n}", "train.num_workers=1", *no_confirm])
                 result["growth"].append(r)
                 print(json.dumps({k: v for k, v in r.items() if k != "per_trial"}), flush=True)
-            n = max(args.trials)  # the same search with the stages trained inside the trial process
-            r = run_study(None, Path(tmp) / f"n{n}-in-process", [f"study.num_trials={n}", "train.num_workers=0",
-                                                                  *no_confirm])
-            result["in_process"] = r
-            print(json.dumps({k: v for k, v in r.items() if k != "per_trial"}), flush=True)
     write_json_atomic(args.out, result)
     print(f"wrote {args.out}")
 

@@ -6,8 +6,9 @@ For 1 and 2 workers, the wall time of one trial (the `ia2->sft` pipeline on the 
 model, N=8) is split into:
 - `startup_s`: from `fit()` to the first worker's loop (controller, placement group, worker
   processes, imports, torch process group);
-- per stage: `load_model_s` (weights + LoRA), `deepspeed_init_s` (engine, ZeRO partitioning) and
-  `train_s` (the stage's steps, dev checks and checkpoints);
+- `load_model_s`: the worker's one model load (weights + LoRA), shared by the stages;
+- per stage: `set_adapter_s` (the stage's starting adapter into the model), `deepspeed_init_s` (engine,
+  ZeRO partitioning) and `train_s` (the stage's steps, dev checks and checkpoints);
 - `other_s`: the rest (checkpoint registration, shutdown of the worker group).
 It also runs the same trial as two `fit()` calls (one per stage) to compare with one `fit()` for both
 stages, and records each stage's resident memory at its start and end (one fit) to show whether the
@@ -53,11 +54,12 @@ def trial_job(workers: int, epochs: int, cache_dir: str):
 def split(outcome, wall: float) -> dict:
     stages = [f["timings"] for f in outcome.finished]
     startup = stages[0]["worker_start_s"]
-    inside = sum(t["load_model_s"] + t["deepspeed_init_s"] + t["train_s"] for t in stages)
+    load = outcome.workers["load_model_s"]
+    inside = load + sum(t["set_adapter_s"] + t["deepspeed_init_s"] + t["train_s"] for t in stages)
     return {
         "wall_s": wall, "startup_s": startup,
         "stages": [{"name": f["result"]["name"], "steps": f["result"]["steps"], **f["timings"]} for f in outcome.finished],
-        "load_model_s": sum(t["load_model_s"] for t in stages),
+        "load_model_s": load,
         "deepspeed_init_s": sum(t["deepspeed_init_s"] for t in stages),
         "train_s": sum(t["train_s"] for t in stages),
         "other_s": wall - startup - inside,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +37,37 @@ def test_align_throughput_bench_runs_on_cpu(tmp_path):
     report = json.loads(out.read_text())
     assert report["seq"] == 16 and report["tokens_per_s"] > 0 and report["mfu"] is None
     assert report["model_flops_per_token"] > 4 * report["lora_params"]
+
+
+@pytest.mark.cluster  # it starts a Ray cluster of its own in a fresh process
+def test_gpu_trial_bench_runs_on_cpu(tmp_path):
+    """The GPU trial benchmark (one ia2->sft trial through the Ray Train runner, time split, tokens/s, peak
+    memory, MFU) on a tiny shape on the CPU: a smoke run; the figures themselves are not asserted."""
+    out = tmp_path / "gpu-trial.json"
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_gpu_trial.py"), "--shape", "tiny", "--epochs", "2",
+                          "--out", str(out)], capture_output=True, text=True, timeout=900, cwd=tmp_path,
+                         env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["shape"] == "tiny" and report["dtype"] == "float32" and report["mfu"] is None
+    assert report["steps"] == {"align": 4, "sft": 4} and report["train_tokens_per_s"] > 0
+    assert report["driver_model_loads"] == 0 and report["model_loads"] == 1
+    assert {"worker_start", "model_load", "deepspeed_init", "train_align", "train_sft", "eval"} <= set(report["split_s"])
+    assert report["model_flops_per_token"] > 4 * report["lora_params"]
+
+
+@pytest.mark.slow
+def test_bench_trials_quick_writes_its_report(tmp_path):
+    out = tmp_path / "trials.json"
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_trials.py"), "--quick", "--out", str(out)],
+                         capture_output=True, text=True, timeout=900,
+                         env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads(out.read_text())
+    paths = report["paths"]
+    assert set(paths) == {"warm_in_process", "cold_in_process", "ray_train_1_worker"}
+    assert paths["warm_in_process"]["model_loads"] == [0] and paths["ray_train_1_worker"]["model_loads"] == [1]
+    assert report["ray_train_driver"]["driver_model_loads"] == 0 and report["ray_train_driver"]["peak_rss_mb"] > 0
 
 
 @pytest.mark.slow

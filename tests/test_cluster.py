@@ -5,6 +5,8 @@ after the default suite):
 - Ray's fake multi-node autoscaler (cluster/fake-multinode.yaml) adding nodes for trials and removing
   them when idle;
 - a spot-style node loss mid-training (`ray.cluster_utils.Cluster`) resumed from the last checkpoint;
+- in both, trial drivers on one node type and Train workers on another: evaluation runs on the workers'
+  node and the drivers load no weights;
 - a study in an S3 bucket (a local moto server) with trials on another node, each node working in
   its own local copy, resumed from the bucket alone.
 
@@ -130,6 +132,9 @@ def test_fake_autoscaler_adds_nodes_for_trials_and_removes_them_when_idle(tmp_pa
             assert kinds[summary["driver_node"]] == "driver", name
         for name, summary in search.items():  # every Train worker on a trainer node
             assert [kinds[s["placement"]["node_id"]] for s in summary["stages"]] == ["trainer", "trainer"], name
+        for name, summary in runs.items():  # evaluation (the ICL row's too) where the workers are; no driver loads
+            assert kinds[summary["eval_node"]] == "trainer" and summary["driver_model_loads"] == 0, name
+            assert summary["model_loads"] == 1, name
 
         deadline = time.time() + 180  # idle_timeout_minutes 0.25, then the autoscaler's next updates
         while True:
@@ -201,6 +206,9 @@ def test_a_lost_worker_node_resumes_from_the_last_checkpoint(tmp_path, ia2ray_ho
     assert align["placement"]["node_id"] == report["replacement"] != report["spot"]
     assert align["placement"]["resumed_at_step"] >= 2, align["placement"]
     assert sft["placement"]["node_id"] == report["replacement"]
+    # the trial driver (on the head) loaded no weights; the replacement worker loaded them and evaluated
+    assert summary["driver_node"] != report["replacement"] and summary["driver_model_loads"] == 0
+    assert summary["eval_node"] == report["replacement"]
     steps = [h["step"] for h in summary["history"] if h["stage"] == "align" and "train_loss" in h]
     assert steps == sorted(set(steps)) and steps[0] == 1, steps  # no step twice, none missing at the start
 

@@ -51,8 +51,9 @@ def test_dry_run_prints_space_trials_and_resources_and_writes_nothing(tmp_path, 
     out = capsys.readouterr().out
     assert "trials: 5" in out and "align.layers: choice" in out and 'lr.align: loguniform' in out
     assert "Ray Train workers: 1 x (CPU=1)" in out and "concurrent trials:" in out
+    assert "trial driver: CPU 0, GPU 0, memory 0.75 GiB" in out and "per trial: CPU 1, GPU 0, memory 0.75 GiB" in out
     assert main(["--config", str(SMOKE), "--storage", str(storage), "--set", "train.num_workers=0", "--dry-run"]) == 0
-    assert re.search(r"trial driver: CPU=1, memory=1\.\d\dGiB", capsys.readouterr().out)
+    assert re.search(r"trial driver: CPU 1, GPU 0, memory 1\.\d\d GiB", capsys.readouterr().out)
     assert "teacher captures before the trials: 2" in out  # one seed x two sites
     assert f"MLflow: sqlite:///{storage / 'mlflow.db'}, experiment smoke" in out
     assert not storage.exists()
@@ -151,22 +152,27 @@ def test_list_choices_reach_optuna_as_text_and_come_back_as_lists(tmp_path):
     ({"num_workers": 1}, {"num_trials": 2}, {"CPU": 32}, {"CPU": 0}, {"CPU": 1}, 2),
 ])
 def test_trial_resources_and_concurrency(train, study, cluster, driver, per_trial, concurrency):
+    """CPUs and GPUs per trial and the concurrency they allow (memory plenty: a Ray Train driver asks
+    for DRIVER_BYTES, which loads no weights; an in-process trial of a hub model for none)."""
     from ia2ray.config.schema import StudyConfig, StudyFile
+    from ia2ray.study.plan import DRIVER_BYTES
 
     sf = StudyFile(train=train, study=StudyConfig(**study))
-    plan = plan_trials(sf, RunConfig(train=train), cluster)
-    assert {k: v for k, v in plan.driver.items()} == driver
-    assert {k: v for k, v in plan.per_trial.items() if v} == per_trial
+    plan = plan_trials(sf, RunConfig(train=train), {**cluster, "memory": 2**40})
+    memory = {"memory": DRIVER_BYTES} if train["num_workers"] else {}
+    assert {k: v for k, v in plan.driver.items()} == {**driver, **memory}
+    assert {k: v for k, v in plan.per_trial.items() if v} == {**per_trial, **memory}
     assert plan.concurrency == concurrency
 
 
 def test_in_process_trials_reserve_the_memory_of_their_model(tiny_checkpoints):
     """`train.num_workers: 0`: the trial holds the model, so it reserves the weights (in `model.dtype`,
     read from the safetensors headers) plus RUNTIME_BYTES, or `study.trial_memory_gb`; memory caps the
-    concurrency like CPUs do. A driver of Train workers reserves no memory (yet)."""
+    concurrency like CPUs do. A driver of Train workers loads no weights: it reserves DRIVER_BYTES, or
+    `study.trial_memory_gb`."""
     from ia2ray.config.schema import StudyConfig, StudyFile
     from ia2ray.core.model import load_model, weight_bytes
-    from ia2ray.study.plan import RUNTIME_BYTES
+    from ia2ray.study.plan import DRIVER_BYTES, RUNTIME_BYTES
 
     tiny_checkpoints("llama")
     cfg = RunConfig(model={"path": "builtin:tiny-llama"}, train={"num_workers": 0})
@@ -178,11 +184,14 @@ def test_in_process_trials_reserve_the_memory_of_their_model(tiny_checkpoints):
     sf = StudyFile(train={"num_workers": 0}, study=StudyConfig(num_trials=16))
     plan = plan_trials(sf, cfg, {"CPU": 8, "memory": 3.5 * need}, weight_bytes(cfg.model))
     assert plan.driver == {"CPU": 1, "memory": need} and plan.concurrency == 3
-    assert "memory=" in plan.describe()[0] and "GiB" in plan.describe()[0]
+    assert plan.describe()[0] == f"trial driver: CPU 1, GPU 0, memory {need / 2**30:.2f} GiB"
     sf = StudyFile(train={"num_workers": 0}, study=StudyConfig(num_trials=16, trial_memory_gb=0.5))
     assert plan_trials(sf, cfg, {"CPU": 8, "memory": 2**31}, None).driver == {"CPU": 1, "memory": 2**29}
     workers = RunConfig(train={"num_workers": 1})
-    assert "memory" not in plan_trials(StudyFile(train={"num_workers": 1}), workers, {"CPU": 8}, 10**9).driver
+    plan = plan_trials(StudyFile(train={"num_workers": 1}), workers, {"CPU": 8, "memory": 3.5 * DRIVER_BYTES}, 10**9)
+    assert plan.driver == {"CPU": 0, "memory": DRIVER_BYTES} and plan.concurrency == 3  # not the weights: no model
+    sf = StudyFile(train={"num_workers": 1}, study=StudyConfig(trial_memory_gb=0.5))
+    assert plan_trials(sf, workers, {"CPU": 8, "memory": 2**31}, 10**9).driver == {"CPU": 0, "memory": 2**29}
 
 
 def test_pareto_front_is_read_from_the_optuna_database(tmp_path):

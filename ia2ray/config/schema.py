@@ -398,13 +398,15 @@ class StudyConfig(Section):
     sampler: Literal["tpe", "nsga2", "random"] = Field("tpe", description="Optuna sampler.")
     seed: int = Field(0, description="Seed of the Optuna sampler.")
     time_budget_s: Optional[float] = Field(None, gt=0, description="Stop starting trials after this many seconds.")
-    driver_cpus: float = Field(0.0, ge=0, description="CPUs reserved for each trial's driver (it loads the model, "
-                               "launches Ray Train and evaluates); 0 leaves every CPU to Train workers. With "
-                               "`train.num_workers: 0` the trial trains itself and reserves `train.cpus_per_worker`.")
+    driver_cpus: float = Field(0.0, ge=0, description="CPUs reserved for each trial's driver (it reads the tokenizer "
+                               "and the data and waits on its Ray Train run; the workers train and evaluate); 0 leaves "
+                               "every CPU to Train workers. With `train.num_workers: 0` the trial trains itself and "
+                               "reserves `train.cpus_per_worker`.")
     trial_memory_gb: Optional[float] = Field(
-        None, gt=0, description="Memory (GiB) Ray reserves for each trial that trains in its own process "
-        "(`train.num_workers: 0`). Default: the model's weights in `model.dtype` plus 1 GiB for the runtime; nothing "
-        "when the weights are not local (a hub id).",
+        None, gt=0, description="Memory (GiB) Ray reserves for each trial's driver process. Default with "
+        "`train.num_workers: 0` (the trial trains in its own process): the model's weights in `model.dtype` plus 1 GiB "
+        "for the runtime, nothing when the weights are not local (a hub id); with Ray Train workers (the driver loads "
+        "no weights): 0.75 GiB.",
     )
     driver_resources: dict[str, float] = Field(
         default_factory=dict, description="Custom Ray resources each trial driver needs, e.g. `{trial_driver: 1}` to "

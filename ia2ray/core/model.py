@@ -9,8 +9,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from peft import LoraConfig as PeftLoraConfig
-from peft import get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ia2ray.config.schema import LoraConfig, ModelConfig
@@ -174,6 +172,11 @@ def resolve_layers(spec: str | list[int], n_layers: int, key: str = "align.layer
 
 def add_lora(model, cfg: LoraConfig, seed: int = 0):
     """Wrap `model` with a fresh LoRA adapter (seeded init); only adapter weights are trainable."""
+    # peft is imported here, not at the top: a Ray Train trial driver never adds an adapter, and peft
+    # costs it about 150 MB and seconds of imports (bench/bench_trials.py, driver memory)
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
     if _kept is not None and _kept.model is model and _kept.wrapper is not None:
         _kept.wrapper.unload()  # one adapter at a time on the kept model
         _kept.wrapper = None

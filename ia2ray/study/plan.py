@@ -1,13 +1,13 @@
 """Resources of one trial and how many trials run at once, from the config and the cluster.
 
 A trial is a Tune function trainable (the trial driver) plus, when `train.num_workers >= 1`, the Ray
-Train workers its `fit()` starts. Tune only knows the driver's resources, so the driver asks for
-`study.driver_cpus` (0 by default: it loads the model, waits on Train and evaluates) and concurrency is
-capped so that every running trial's Train workers fit on the cluster. With `train.num_workers: 0`
-the trial trains in its own process: it asks for `train.cpus_per_worker` CPUs (and a GPU) and the
-memory it holds (`study.trial_memory_gb`, else the weights in `model.dtype` plus `RUNTIME_BYTES`),
-and keeps the model loaded for its actor's next trial. (A driver of Ray Train workers still loads the
-model to evaluate, without reserving memory for it: evaluation moves into the workers next.)
+Train workers its `fit()` starts. Tune only knows the driver's resources, so the driver asks for what
+it uses: `study.driver_cpus` (0 by default) and `DRIVER_BYTES` of memory (it loads no weights: the
+workers load the model, train and evaluate), and concurrency is capped so that every running trial's
+Train workers fit on the cluster too. With `train.num_workers: 0` the trial trains in its own process:
+it asks for `train.cpus_per_worker` CPUs (and a GPU) and the memory it holds (`study.trial_memory_gb`,
+else the weights in `model.dtype` plus `RUNTIME_BYTES`), and keeps the model loaded for its actor's
+next trial.
 """
 
 from __future__ import annotations
@@ -18,7 +18,11 @@ from typing import Optional
 
 from ia2ray.config.schema import RunConfig, StudyFile
 
-RUNTIME_BYTES = 2**30  # a trial driver's Python, torch, tokenizer, data and activations, beside the weights
+RUNTIME_BYTES = 2**30  # an in-process trial's Python, torch, tokenizer, data and activations, beside the weights
+# A Ray Train trial driver: Python, Ray, torch, transformers, the tokenizer, the data and the training
+# items (no weights, no activations). bench/bench_trials.py measured a peak of 606 MB for such a driver
+# (it also started a Ray cluster); 768 MiB leaves a margin for bigger tokenizers and datasets.
+DRIVER_BYTES = 768 * 2**20
 
 
 @dataclass
@@ -38,28 +42,29 @@ class TrialPlan:
         return total
 
     def pg_factory(self):
-        """Tune's resource request for a trial driver. Ray refuses an all-zero request, so a driver
-        that needs nothing reserves a 1-byte memory bundle (no CPU taken from Train workers)."""
+        """Tune's resource request for a trial driver (its zero amounts left out: a driver of Train
+        workers takes no CPU from them)."""
         from ray import tune
 
-        if any(v > 0 for v in self.driver.values()):
-            return tune.PlacementGroupFactory([{k: v for k, v in self.driver.items() if v > 0}])
-        return tune.PlacementGroupFactory([{}, {"memory": 1}])
+        return tune.PlacementGroupFactory([{k: v for k, v in self.driver.items() if v > 0}])
 
     def describe(self) -> list[str]:
         fmt = lambda d: ", ".join(f"{k}={_amount(k, v)}" for k, v in d.items() if v) or "nothing"  # noqa: E731
-        lines = [f"trial driver: {fmt(self.driver)}"]
+        basic = lambda d: ", ".join(f"{k} {_amount(k, d.get(k, 0))}" for k in ("CPU", "GPU", "memory"))  # noqa: E731
+        lines = [f"trial driver: {basic(self.driver)}" + "".join(f", {k} {v:g}" for k, v in self.driver.items()
+                                                                 if k not in ("CPU", "GPU", "memory"))]
         if self.num_workers:
             lines.append(f"Ray Train workers: {self.num_workers} x ({fmt(self.worker)})")
         else:
             lines.append("training: inside the trial driver (train.num_workers = 0)")
-        lines.append(f"per trial: {fmt(self.per_trial)}")
+        lines.append(f"per trial: {basic(self.per_trial)}" + "".join(f", {k} {v:g}" for k, v in self.per_trial.items()
+                                                                  if k not in ("CPU", "GPU", "memory")))
         lines.append(f"concurrent trials: {self.concurrency} ({'; '.join(self.limits)})")
         return lines
 
 
 def _amount(key: str, value: float) -> str:
-    return f"{value / 2**30:.2f}GiB" if key == "memory" else f"{value:g}"
+    return f"{value / 2**30:.2f} GiB" if key == "memory" else f"{value:g}"
 
 
 def trial_memory(study: StudyFile, model_bytes: Optional[int]) -> dict:
@@ -67,6 +72,12 @@ def trial_memory(study: StudyFile, model_bytes: Optional[int]) -> dict:
     if study.study.trial_memory_gb is not None:
         return {"memory": float(round(study.study.trial_memory_gb * 2**30))}
     return {"memory": float(model_bytes + RUNTIME_BYTES)} if model_bytes else {}
+
+
+def driver_memory(study: StudyFile) -> dict:
+    """A Ray Train trial driver's memory request in bytes (`study.trial_memory_gb`, else `DRIVER_BYTES`)."""
+    gb = study.study.trial_memory_gb
+    return {"memory": float(round(gb * 2**30)) if gb is not None else float(DRIVER_BYTES)}
 
 
 def plan_trials(study: StudyFile, base: RunConfig, cluster: dict[str, float],
@@ -81,7 +92,7 @@ def plan_trials(study: StudyFile, base: RunConfig, cluster: dict[str, float],
         driver = {"CPU": max(t.cpus_per_worker, s.driver_cpus), **gpu, **memory, **s.driver_resources}
         worker: dict = {}
     else:
-        driver = {"CPU": s.driver_cpus, **s.driver_resources}
+        driver = {"CPU": s.driver_cpus, **driver_memory(study), **s.driver_resources}
         worker = {"CPU": t.cpus_per_worker, **gpu, **t.worker_resources}
     plan = TrialPlan(driver, worker, t.num_workers, use_gpu, 1)
     limits = [f"study.num_trials = {s.num_trials}"]

@@ -451,6 +451,7 @@ def finish(job: TrainJob, model, tokenizer, adapter: Optional[dict], wc: WorkerC
     eval_s = time.perf_counter() - start
     workers = {"node_id": wc.node_id, "world_size": wc.world, "device": str(wc.device), **wc.loaded,
                "eval_s": round(eval_s, 3), "rss_end_mb": _rss_mb(),
+               "peak_gpu_mb": torch.cuda.max_memory_allocated(wc.device) / 2**20 if wc.on_gpu else None,
                "worker_start_s": wc.started - wc.launched if wc.launched else None}
     state = {"format": ckpt.FORMAT, "fingerprint": job.fingerprint, "world_size": wc.world,
              "stage_index": len(job.stages), "position": None, "adapter": adapter, "moments": {}, "adam_step": 0,
