@@ -192,6 +192,10 @@ def test_in_process_trials_reserve_the_memory_of_their_model(tiny_checkpoints):
     assert plan.driver == {"CPU": 0, "memory": DRIVER_BYTES} and plan.concurrency == 3  # not the weights: no model
     sf = StudyFile(train={"num_workers": 1}, study=StudyConfig(trial_memory_gb=0.5))
     assert plan_trials(sf, workers, {"CPU": 8, "memory": 2**31}, 10**9).driver == {"CPU": 0, "memory": 2**29}
+    # drivers on nodes with a custom resource: its count per node bounds them, no memory request (an
+    # autoscaler could not launch a node for it when the node type does not declare memory)
+    sf = StudyFile(train={"num_workers": 1}, study=StudyConfig(driver_resources={"trial_driver": 1}))
+    assert plan_trials(sf, workers, {"CPU": 8}, 10**9).driver == {"CPU": 0, "trial_driver": 1}
 
 
 def test_pareto_front_is_read_from_the_optuna_database(tmp_path):

@@ -208,6 +208,26 @@ def test_incomplete_missing_or_foreign_checkpoints_are_errors(ray_cluster, setup
         fit(job, "broken", str(storage))
 
 
+def test_a_run_restarted_before_its_evaluation_evaluates_on_resume(ray_cluster, setup):
+    """The workers die after the last stage's checkpoint, before evaluating: the same run name resumes
+    there (no stage trains again) and evaluates the stored adapter on a freshly loaded model, giving the
+    metrics of an uninterrupted run."""
+    from ia2ray.core.runeval import eval_plan
+
+    make, storage = setup
+    cfg, job, (_, tok, _, _) = make("train.num_workers=1", "eval.icl_baseline=true", "eval.icl_draws=2", pipeline="ia2")
+    job = replace(job, evals=eval_plan(cfg, prepare_data(cfg), ("val", "test")))
+    whole = fit(job, "evaluated-whole", str(storage))
+    assert set(whole.evals) == {"val", "test", "icl"} and whole.workers["model_loads"] == 1
+    with pytest.raises(StageRunError):
+        fit(replace(job, crash_after=("eval", 0)), "evaluated-restarted", str(storage))
+    assert (storage / "evaluated-restarted" / "ckpt-0-align-end" / "COMPLETE.json").is_file()
+    resumed = fit(job, "evaluated-restarted", str(storage))
+    assert resumed.evals == whole.evals and resumed.answers == whole.answers
+    assert _strip(resumed.finished) == _strip(whole.finished)
+    _assert_same_adapter(whole.adapter, resumed.adapter)
+
+
 def test_latest_complete_checkpoint_on_disk(tmp_path):
     from ia2ray.train import checkpoint as ckpt
 

@@ -145,7 +145,7 @@ def check_mlflow(url: str, study: Path, killed_run: str) -> None:
             expected = [h["step"] for h in summary["history"] if h["stage"] == stage and "train_loss" in h]
             assert sorted(logged) == expected and len(set(logged)) == len(logged) and expected
         assert {a.path for a in client.list_artifacts(run.info.run_id)} == {
-            "adapter", "config.yaml", "reliability.png", "summary.json"}
+            "adapter", "answers.json", "config.yaml", "reliability.png", "summary.json"}
         assert {a.path for a in client.list_artifacts(run.info.run_id, "adapter")} >= {
             "adapter/adapter_config.json", "adapter/adapter_model.safetensors"}
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {

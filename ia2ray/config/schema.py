@@ -406,7 +406,8 @@ class StudyConfig(Section):
         None, gt=0, description="Memory (GiB) Ray reserves for each trial's driver process. Default with "
         "`train.num_workers: 0` (the trial trains in its own process): the model's weights in `model.dtype` plus 1 GiB "
         "for the runtime, nothing when the weights are not local (a hub id); with Ray Train workers (the driver loads "
-        "no weights): 0.75 GiB.",
+        "no weights): 0.75 GiB, or nothing with `study.driver_resources` (the nodes' count of that resource bounds "
+        "the drivers there).",
     )
     driver_resources: dict[str, float] = Field(
         default_factory=dict, description="Custom Ray resources each trial driver needs, e.g. `{trial_driver: 1}` to "

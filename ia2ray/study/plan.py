@@ -75,9 +75,15 @@ def trial_memory(study: StudyFile, model_bytes: Optional[int]) -> dict:
 
 
 def driver_memory(study: StudyFile) -> dict:
-    """A Ray Train trial driver's memory request in bytes (`study.trial_memory_gb`, else `DRIVER_BYTES`)."""
+    """A Ray Train trial driver's memory request in bytes: `study.trial_memory_gb`, else `DRIVER_BYTES`,
+    except with `study.driver_resources`: on a cluster whose driver nodes carry a custom resource, its
+    count per node bounds the drivers there (the node type is sized for them), and an autoscaler cannot
+    launch a node for a memory request when the node type does not declare memory (Google Cloud's
+    launcher does not fill it in; Ray's fake multi-node provider cannot declare it)."""
     gb = study.study.trial_memory_gb
-    return {"memory": float(round(gb * 2**30)) if gb is not None else float(DRIVER_BYTES)}
+    if gb is not None:
+        return {"memory": float(round(gb * 2**30))}
+    return {} if study.study.driver_resources else {"memory": float(DRIVER_BYTES)}
 
 
 def plan_trials(study: StudyFile, base: RunConfig, cluster: dict[str, float],

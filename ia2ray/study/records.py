@@ -5,7 +5,7 @@ One experiment per study name; in it one parent run per study (key tags `ia2ray.
 `ia2ray.study_id`, `ia2ray.trial_key`): the Tune trial id for search trials, the run name for
 confirmation runs. Children carry the resolved config as flat params, the stage losses per step, the
 final split metrics, tags (study, trial, config hash, code version, model revision, task, N, seed) and
-artifacts (config, summary, LoRA adapter, reliability diagram). The parent carries the study
+artifacts (config, summary, per-row answers, LoRA adapter, reliability diagram). The parent carries the study
 settings, the study file, the Pareto front, the confirmation report and the confirmed methods'
 test metrics.
 """
@@ -116,7 +116,7 @@ def log_history(run: Optional[RunLog]):
 
 def log_result(run: Optional[RunLog], out_dir: Path, cfg: RunConfig, summary: dict, splits: tuple[str, ...],
                metrics: Optional[dict] = None) -> None:
-    """A finished run's history, split metrics, timings and artifacts (config, summary, adapter, reliability
+    """A finished run's history, split metrics, timings and artifacts (config, summary, answers, adapter, reliability
     diagram of the last split); metric steps already logged are skipped."""
     if run is None:
         return
@@ -130,7 +130,7 @@ def log_result(run: Optional[RunLog], out_dir: Path, cfg: RunConfig, summary: di
     run.log_metrics(items + [(k, v, 0) for k, v in finals.items()])
     write_text_atomic(out_dir / "config.yaml", dump_yaml(cfg))
     plot_reliability({cfg.name: [summary]}, out_dir / "reliability.png", split=splits[-1])  # test, else val
-    for name in ("config.yaml", "summary.json", "reliability.png"):
+    for name in ("config.yaml", "summary.json", "answers.json", "reliability.png"):
         if (out_dir / name).is_file():
             run.log_artifact(out_dir / name)
     if (out_dir / "adapter").is_dir():

@@ -93,7 +93,8 @@ class TrainJob:
     evals: Optional[object] = None  # `ia2ray.core.runeval.EvalPlan` scored after the last stage (None: nothing)
     init_adapter: Optional[dict] = None  # adapter the first stage starts from (default: fresh LoRA)
     stage_offset: int = 0  # index of stages[0] in the whole pipeline (names checkpoints)
-    crash_after: Optional[tuple[str, int]] = None  # test fault injection: (stage, step) after whose checkpoint workers exit
+    crash_after: Optional[tuple[str, int]] = None  # test fault injection: (stage, step) after whose checkpoint
+    # workers exit; ("eval", 0): before the evaluation
 
 
 @dataclass
@@ -159,7 +160,9 @@ def train_loop_per_worker(config: dict) -> None:
         if wc.live is not None:
             for line in wc.live.close(tries=1):
                 log.warning("MLflow: not logged from the Train worker: %s", line)
-    finish(job, model, tokenizer, adapter, wc)
+    # the model sits on this rank's device when a stage ran in this process (DeepSpeed put it there);
+    # an ICL-only run, or a restart after the last stage, places it here
+    finish(job, model, tokenizer, adapter, wc, placed=start_index < len(job.stages))
 
 
 def run_stage(job: TrainJob, index: int, model, teacher: dict, adapter: Optional[dict], resume: Optional[dict],
@@ -434,17 +437,21 @@ def _report(state: dict, metrics: dict, wc: WorkerContext, dir_name: str, adapte
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=dir_name)
 
 
-def finish(job: TrainJob, model, tokenizer, adapter: Optional[dict], wc: WorkerContext) -> None:
+def finish(job: TrainJob, model, tokenizer, adapter: Optional[dict], wc: WorkerContext, placed: bool) -> None:
     """After the last stage: evaluate the best adapter where it is (every rank scores its share of the
-    rows), then report the final checkpoint with the metrics, the answers and the adapter."""
+    rows), then report the final checkpoint with the metrics, the answers and the adapter. `placed`: a
+    DeepSpeed engine has put the model on this rank's device."""
     from ia2ray.train.state import set_module_adapter
 
+    if job.crash_after == ("eval", 0):
+        log.warning("fault injection: worker exits before the evaluation")
+        os._exit(1)
     start = time.perf_counter()
     metrics, answers = {}, {}
     if job.evals is not None:
-        if not job.stages:  # an ICL-only run: no DeepSpeed engine has placed the model
+        if not placed:
             model.to(wc.device)
-        elif adapter is not None:
+        if adapter is not None:
             set_module_adapter(model, adapter)
         with whole_parameters(model):
             metrics, answers = run_evals(model, tokenizer, job.evals, wc.device, _shard(wc))
