@@ -1,5 +1,6 @@
 """`python -m ia2ray.tune` for real: the smoke study in a fresh process with its own local Ray cluster,
-logging to a real `mlflow server`, killed mid-search (SIGKILL to the driver's process group) and
+logging to a real `mlflow server`, killed mid-search (SIGKILL to the driver's process group and its Ray
+processes) and
 continued with --resume. Marked `cluster` (it starts its own Ray cluster; ~3 min): CI runs it after the
 default suite."""
 
@@ -43,14 +44,25 @@ def test_smoke_study_killed_mid_search_then_resumed(tmp_path, tiny_checkpoints, 
     while time.time() < deadline and proc.poll() is None:
         done = {p.parent.name for p in study.glob("runs/trial-*/summary.json")}
         ckpts = [p.parent for p in study.glob("train/trial-*/ckpt-*/COMPLETE.json")]
-        running = {c.parent.name for c in ckpts} - done - {c.parent.name for c in ckpts if c.name.endswith("sft-end")}
+        finished = {c.parent.name for c in ckpts if c.name.endswith(("sft-end", "eval-end"))}  # trained (and evaluated)
+        running = {c.parent.name for c in ckpts} - done - finished
         if done and running:
             killed_run = sorted(running)[0]
             break
         time.sleep(0.1)
     assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
     assert killed_run, "no trial was caught between a checkpoint and its result"
+    # the whole local cluster goes with the driver: its Ray processes (and so the Train workers, which
+    # would otherwise finish a run this small before they notice) are killed at the same moment
+    import psutil
+
+    tree = psutil.Process(proc.pid).children(recursive=True)
     os.killpg(proc.pid, signal.SIGKILL)
+    for child in tree:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
     proc.wait()
     # the Train worker (rank 0) logged the interrupted trial's stage losses live, before any result
     live = live_metrics(mlflow_server, study, killed_run)
