@@ -123,17 +123,15 @@ def run_in_process(req: RunRequest) -> RunResult:
     loads = LOADS["cold"] - loads
     clock.append(time.perf_counter())
     layers = resolve_layers(cfg.align.layers, num_layers(model))
-    results = []
-    if req.evals.trained:
-        teacher = None
+    teacher, stages, results = None, [], []
+    if req.evals.trained:  # an ICL-only run has no stages
         if uses_teacher(cfg.pipeline):
             teacher = capture_teacher(cfg, model, tokenizer, data, req.progress, cached_only=req.cached_teacher_only,
                                       sync=req.sync, fingerprint=req.fingerprint)
         stages = stage_work(cfg, tokenizer, data, layers, teacher)
-        clock.append(time.perf_counter())
+    clock.append(time.perf_counter())
+    if stages:
         model, results = train_in_process(cfg, model, tokenizer, stages, teacher, req.on_log)
-    else:
-        clock.append(time.perf_counter())
     clock.append(time.perf_counter())
     metrics, answers = run_evals(model, tokenizer, req.evals, device)
     clock.append(time.perf_counter())
