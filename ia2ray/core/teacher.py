@@ -64,6 +64,14 @@ def local_root(location: str, sync: Optional[EntrySync]) -> Path:
     return sync.root()
 
 
+def open_entry(location: str, key: str, sync: Optional[EntrySync]) -> ActivationCache:
+    """The cache at `location` as this node sees it, with the entry `key` fetched from the bucket first
+    when the cache lives there and this node has no copy yet (the entry may still be missing)."""
+    if sync is not None:
+        sync.fetch(key)
+    return ActivationCache(local_root(location, sync))
+
+
 def shared_root(location: str, sync: Optional[EntrySync]) -> str:
     """How other processes and nodes name the cache: the bucket URI, or the absolute folder."""
     return location if is_bucket(location) else str(local_root(location, sync).resolve())
@@ -82,15 +90,17 @@ def model_fingerprint(cfg: RunConfig) -> str:
     return fingerprint_model(model_dir(cfg.model), commit or cfg.model.revision)
 
 
-def teacher_key(cfg: RunConfig, tokenizer, data: RunData, fingerprint: Optional[str] = None) -> str:
-    """The cache key of the run's teacher (`fingerprint`: `model_fingerprint(cfg)`, when known)."""
+def teacher_key(cfg: RunConfig, tokenizer, data: RunData, fingerprint: Optional[str] = None,
+                prompts: Optional[list[str]] = None) -> str:
+    """The cache key of the run's teacher (`fingerprint`: `model_fingerprint(cfg)`, when known;
+    `prompts`: `teacher_prompts(cfg, data)`, when already built)."""
     spec = data.spec
     return ActivationCache.key_of(
         model=fingerprint or model_fingerprint(cfg),
         model_dtype=cfg.model.dtype,
         tokenizer=fingerprint_tokenizer(tokenizer),
         task=spec.model_dump(mode="json"),
-        prompts=content_hash(teacher_prompts(cfg, data)),
+        prompts=content_hash(prompts if prompts is not None else teacher_prompts(cfg, data)),
         max_new_tokens=cfg.align.max_new_tokens or spec.max_new_tokens,
         stop=list(spec.stop_strings),
         site=cfg.align.site,
@@ -105,8 +115,8 @@ def capture_teacher(cfg: RunConfig, model, tokenizer, data: RunData, progress: b
     With `cached_only`, a cache miss raises TeacherNotCachedError instead of running the teacher."""
     spec = data.spec
     location = cache_location(cfg)
-    key = teacher_key(cfg, tokenizer, data, fingerprint)
     prompts = teacher_prompts(cfg, data)
+    key = teacher_key(cfg, tokenizer, data, fingerprint, prompts)
     meta = {"dtype": cfg.capture.dtype, "site": cfg.align.site, "task": spec.name, "n_prompts": len(prompts)}
 
     def compute():
@@ -116,9 +126,7 @@ def capture_teacher(cfg: RunConfig, model, tokenizer, data: RunData, progress: b
                                        site=cfg.align.site, batch_size=cfg.capture.batch_size,
                                        stop_strings=spec.stop_strings, progress=progress)
 
-    cache = ActivationCache(local_root(location, sync))
-    if sync is not None:
-        sync.fetch(key)  # from the bucket, when this node has no copy yet
+    cache = open_entry(location, key, sync)
     records, hit = cache.get_or_compute(key, compute, meta)
     if not hit and sync is not None:
         sync.publish(key)
@@ -132,9 +140,7 @@ def cached_teacher_tokens(cfg: RunConfig, tokenizer, data: RunData, sync: Option
     needs to build training items. The teacher is None when the entry is not in the cache."""
     location = cache_location(cfg)
     key = teacher_key(cfg, tokenizer, data, fingerprint)
-    if sync is not None:
-        sync.fetch(key)
-    cache = ActivationCache(local_root(location, sync))
+    cache = open_entry(location, key, sync)
     if not cache.has(key):
         return key, None
     return key, Teacher(cache.load_tokens(key), shared_root(location, sync), key, True)

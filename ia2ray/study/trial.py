@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from ia2ray.config.schema import RunConfig, StudyFile
-from ia2ray.fileio import atomic_dir, require_visible, write_json_atomic
+from ia2ray.fileio import require_visible, write_json_atomic
 from ia2ray.mirror import local_copy, pull, push
 from ia2ray.study.space import apply_params, decode_point
 from ia2ray.study.records import log_history, log_result, running, trial_run

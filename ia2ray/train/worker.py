@@ -33,7 +33,7 @@ import torch
 
 from ia2ray.config.schema import LoraConfig, ModelConfig, TrainConfig
 from ia2ray.core.batches import TrainItem, collate
-from ia2ray.core.cache import ActivationCache, CacheError
+from ia2ray.core.cache import CacheError
 from ia2ray.core.model import LOADS, add_lora, load_model
 from ia2ray.core.objective import StageObjective, stage_loss
 from ia2ray.core.runeval import run_evals
@@ -48,6 +48,7 @@ from ia2ray.core.stages import (
     out_of_memory,
     stage_loop,
 )
+from ia2ray.core.teacher import open_entry
 from ia2ray.fileio import require_visible
 from ia2ray.mirror import bucket_sync
 from ia2ray.tracking import RunLog
@@ -381,14 +382,11 @@ def _load_teacher(job: TrainJob, wc: WorkerContext) -> dict:
         wanted |= {r.record for r in spec.dev[wc.rank :: wc.world] if r.record is not None}
     location, key = job.teacher_cache
     sync = bucket_sync(location)
+    cache = open_entry(location, key, sync)  # a bucket cache: the entry is fetched to this node first
     if sync is None:
-        cache = ActivationCache(location)
         require_visible(cache.path(key), "the teacher cache entry")
-    else:  # a bucket cache: the entry is fetched to this node first
-        sync.fetch(key)
-        cache = ActivationCache(sync.root())
-        if not cache.has(key):
-            raise CacheError(f"teacher cache entry {key} is not in {location} (its capture did not finish)")
+    elif not cache.has(key):
+        raise CacheError(f"teacher cache entry {key} is not in {location} (its capture did not finish)")
     return cache.load_subset(key, sorted(wanted)) if wanted else {}
 
 
