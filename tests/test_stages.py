@@ -107,7 +107,7 @@ def test_stage_stops_early_when_dev_loss_stalls_and_keeps_the_best(llama):
     items = _items(model, tok, n=2)
     with adapter(model, LoraConfig(rank=2)) as peft:
         # lr = 0: the dev loss never improves on step 0, so patience (2 checks) ends the stage at step 2
-        settings = StageSettings(lr=0.0, batch_size=1, max_epochs=50, patience=2, eval_every=1)
+        settings = StageSettings(lr=0.0, batch_size=1, max_epochs=50, patience=2, eval_every=1, keep_initial=True)
         before = trainable_state(peft)
         result = train_stage(peft, "sft", items, items, StageObjective("sft"), settings, tok.pad_token_id, "cpu")
         assert (result.stopped_early, result.steps, result.best_step, result.epochs) == (True, 2, 0, 1)
@@ -155,10 +155,51 @@ def test_dev_loss_is_checked_every_k_steps_and_at_every_epoch_end(llama):
     model, tok = llama
     items = _items(model, tok, n=3, g=1)
     with adapter(model, LoraConfig(rank=2)) as peft:
-        settings = StageSettings(lr=1e-3, batch_size=2, max_epochs=2, patience=50, eval_every=3)
-        result = train_stage(peft, "align", items, items, StageObjective("align"), settings, tok.pad_token_id, "cpu")
-        assert [h["step"] for h in result.history if "dev_loss" in h] == [0, 2, 3, 4]
-        assert result.steps == 4
+        for keep_initial, checks in ((True, [0, 2, 3, 4]), (False, [2, 3, 4])):
+            settings = StageSettings(lr=1e-3, batch_size=2, max_epochs=2, patience=50, eval_every=3,
+                                     keep_initial=keep_initial)
+            result = train_stage(peft, "align", items, items, StageObjective("align"), settings, tok.pad_token_id, "cpu")
+            assert [h["step"] for h in result.history if "dev_loss" in h] == checks
+            assert result.steps == 4
+
+
+class ScriptedEngine:
+    """A `StageEngine` whose dev loss follows a known curve: `curve[k]` at the k-th check. Its adapter
+    is the number of steps taken, so the restored snapshot says which check won."""
+
+    def __init__(self, curve):
+        self.curve, self.checks, self.steps = list(curve), 0, 0
+
+    def train_step(self, chunk, step):
+        self.steps += 1
+        return 0.0
+
+    def dev_loss(self):
+        self.checks += 1
+        return self.curve[self.checks - 1]
+
+    def adapter(self):
+        return {"steps": self.steps}
+
+    def train(self):
+        pass
+
+
+@pytest.mark.parametrize("keep_initial, best_step, checks", [(True, 0, 4), (False, 2, 3)])
+def test_early_stopping_counts_the_untrained_adapter_only_with_keep_initial(keep_initial, best_step, checks):
+    """Training only makes the dev loss worse. With `keep_initial` the adapter the stage started with
+    (step 0) wins and comes back; without (the paper's reference) the first check after training wins,
+    and patience counts from there: three checks, the stage stops at step 6."""
+    from ia2ray.core.stages import stage_loop
+
+    engine = ScriptedEngine([1.0, 2.0, 3.0, 4.0] if keep_initial else [2.0, 3.0, 4.0])
+    settings = StageSettings(lr=1e-3, batch_size=1, max_epochs=10, patience=2 if not keep_initial else 3,
+                             eval_every=2, keep_initial=keep_initial)
+    state = stage_loop("align", settings, [None] * 10, engine)
+    assert engine.checks == checks and state.result.stopped_early
+    assert state.stopper.best_step == best_step
+    assert state.stopper.best_state == {"steps": best_step}
+    assert state.stopper.best == (1.0 if keep_initial else 2.0)
 
 
 def test_non_finite_dev_loss_is_an_error_not_a_crash(llama):
@@ -166,7 +207,7 @@ def test_non_finite_dev_loss_is_an_error_not_a_crash(llama):
     items = _items(model, tok, n=1, g=1)
     bad = [TrainItem(it.query_ids, it.target_ids, it.teacher * math.nan) for it in items]
     with adapter(model, LoraConfig(rank=2)) as peft:
-        settings = StageSettings(lr=1e-3, batch_size=1, max_epochs=1)
+        settings = StageSettings(lr=1e-3, batch_size=1, max_epochs=1, keep_initial=True)
         with pytest.raises(NonFiniteLossError, match="dev loss is nan at step 0"):
             train_stage(peft, "align", items, bad, StageObjective("align"), settings, tok.pad_token_id, "cpu")
 

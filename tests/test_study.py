@@ -223,9 +223,26 @@ def test_scalar_objective_is_acc_minus_lambda_ece():
     from ia2ray.study.trial import objective_metrics, objectives
 
     sf = StudyFile(study=StudyConfig(objective="scalar", ece_weight=2.0))
-    m = objective_metrics({"val": {"acc": 0.75, "ece": 0.125, "nll": 0.5}}, sf)
-    assert m == {"val/acc": 0.75, "val/ece": 0.125, "objective": 0.5, "val/nll": 0.5}
+    m = objective_metrics([{"val": {"acc": 0.75, "ece": 0.125, "nll": 0.5}}], sf)
+    assert m == {"val/acc": 0.75, "val/ece": 0.125, "objective": 0.5, "val/nll": 0.5,
+                 "val/acc_std": 0.0, "val/ece_std": 0.0, "val/nll_std": 0.0}
     assert objectives(sf, has_ece=True) == [("objective", "max")]
+
+
+def test_search_objective_is_the_mean_over_the_search_subsets():
+    """Three subsets: each metric's mean and sample std; the objective from the means; a metric one
+    subset lacks (nll) is left out rather than averaged over fewer subsets."""
+    from ia2ray.config.schema import StudyConfig, StudyFile
+    from ia2ray.study.trial import objective_metrics
+
+    sf = StudyFile(study=StudyConfig(objective="scalar", ece_weight=0.5, search_seeds=[0, 1, 2]))
+    summaries = [{"val": {"acc": 0.5, "ece": 0.25, "nll": 1.0}}, {"val": {"acc": 0.75, "ece": 0.125}},
+                 {"val": {"acc": 1.0, "ece": 0.0, "nll": 0.5}}]
+    m = objective_metrics(summaries, sf)
+    assert m["val/acc"] == 0.75 and m["val/acc_std"] == 0.25
+    assert m["val/ece"] == 0.125 and m["val/ece_std"] == 0.125
+    assert m["objective"] == 0.75 - 0.5 * 0.125
+    assert "val/nll" not in m
 
 
 def test_report_table_has_mean_and_sample_std_per_method(tmp_path):
@@ -267,3 +284,127 @@ def test_scalar_study_ranks_completed_trials_by_the_objective(tmp_path):
         ot.add_trial(optuna.trial.create_trial(params=params, distributions=space, value=value))
     front = pareto_front(study, tmp_path, has_ece=True)
     assert [f["values"]["objective"] for f in front] == [0.8, 0.6, 0.5] and front[0]["params"]["lora.rank"] == 8
+
+
+EXPECTED_KEYS = {
+    "ia2->sft": {"pipeline", "align.layers", "align.site", "lora.rank", "lr.align", "lr.sft"},
+    "ia2": {"pipeline", "align.layers", "align.site", "lora.rank", "lr.align"},
+    "ia2+sft": {"pipeline", "align.layers", "align.site", "loss.ce_weight", "lora.rank", "lr.align"},
+}
+
+
+def test_conditional_space_samples_only_the_keys_each_pipeline_uses(tmp_path):
+    """The default study's space through Optuna's multivariate TPE (two objectives, as the study runs
+    it): `loss.ce_weight` only for ia2+sft, `lr.sft` only for ia2->sft; through Ray's OptunaSearch too,
+    whose searcher survives the pickling Tune does to save it."""
+    import optuna
+
+    from ia2ray.study.search import make_searcher, tpe_sampler
+    from ia2ray.study.space import ConditionalSpace
+
+    study, _ = load_study_file(ROOT / "search_spaces" / "testbed.yaml")
+    space = ConditionalSpace(study)
+    ot = optuna.create_study(directions=["maximize", "minimize"], sampler=tpe_sampler(0))
+    seen = set()
+    for i in range(24):
+        trial = ot.ask()
+        space(trial)
+        assert set(trial.params) == EXPECTED_KEYS[trial.params["pipeline"]], trial.params
+        seen.add(trial.params["pipeline"])
+        ot.tell(trial, [0.5 + 0.01 * i, 0.1])
+    assert seen == set(EXPECTED_KEYS)  # every branch was sampled, also after the 10 random start-up trials
+
+    searcher = make_searcher(study, tmp_path, has_ece=True)
+    configs = [searcher.suggest(f"t{i}") for i in range(6)]
+    for config in configs:
+        assert set(config) == EXPECTED_KEYS[config["pipeline"]]
+    searcher.save(str(tmp_path / "searcher.pkl"))
+    again = make_searcher(study, tmp_path, has_ece=True)
+    again.restore(str(tmp_path / "searcher.pkl"))
+    assert set(again.suggest("t9")) <= set().union(*EXPECTED_KEYS.values())
+
+
+def test_dry_run_prints_the_conditional_structure(capsys):
+    from ia2ray.tune import main
+
+    assert main(["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "sampled per pipeline" in out
+    assert "  ia2+sft: align.layers, align.site, loss.ce_weight, lora.rank, lr.align" in out
+    assert "  ia2: align.layers, align.site, lora.rank, lr.align" in out
+    assert "multivariate" in out and "subsets 0 1 2" in out
+
+
+def test_baseline_tuning_picks_the_rate_with_the_best_validation_mean():
+    from ia2ray.config.schema import ConfirmConfig, StudyConfig, StudyFile
+    from ia2ray.study.confirm import confirmation_rows, pick_rates
+
+    grid = [1e-3, 3e-3, 1e-2]
+    results = [  # mean validation metrics of each (method, rate) over the search subsets
+        {"method": "sft", "lr": 1e-3, "metrics": {"val/acc": 0.70, "val/ece": 0.10, "objective": 0.60}},
+        {"method": "sft", "lr": 3e-3, "metrics": {"val/acc": 0.80, "val/ece": 0.30, "objective": 0.50}},
+        {"method": "sft", "lr": 1e-2, "metrics": {"val/acc": 0.80, "val/ece": 0.20, "objective": 0.60}},
+        {"method": "ia2", "lr": 1e-3, "metrics": {"val/acc": 0.60, "val/ece": 0.20, "objective": 0.40}},
+        {"method": "ia2", "lr": 3e-3, "metrics": {"val/acc": 0.60, "val/ece": 0.20, "objective": 0.40}},
+    ]
+    pareto = StudyFile(study=StudyConfig(confirm=ConfirmConfig(baseline_lrs=grid)))
+    chosen = pick_rates(pareto, results, has_ece=True)
+    assert {m: c["lr"] for m, c in chosen.items()} == {"sft": 1e-2, "ia2": 1e-3}  # acc, then ECE, then grid order
+    scalar = StudyFile(study=StudyConfig(objective="scalar", confirm=ConfirmConfig(baseline_lrs=grid)))
+    assert pick_rates(scalar, results, has_ece=True)["sft"]["lr"] == 1e-3  # 0.60 first in the grid
+    rows = confirmation_rows(pareto, [], chosen, 0)
+    sft = next(r for r in rows if r["label"] == "SFT only" and r["seed"] == 0)
+    assert sft["params"] == {"pipeline": "sft", "lr.align": 1e-2, "lr.sft": 1e-2}
+    assert sft["tuned"].startswith("lr in {0.001, 0.003, 0.01} -> 0.01")
+    ia2sft = next(r for r in rows if r["label"] == "IA2 -> SFT")  # no rate of its grid finished
+    assert ia2sft["params"] == {"pipeline": "ia2->sft"} and ia2sft["tuned"].startswith("defaults")
+
+
+def test_trials_a_kill_left_running_are_closed_as_failed(tmp_path):
+    """After the search nothing runs: an Optuna trial still RUNNING was interrupted and not restored."""
+    import optuna
+
+    from ia2ray.study.search import close_stale_trials, optuna_url
+
+    study, _ = load_study_file(SMOKE, ["study.objective=scalar"])
+    ot = optuna.create_study(study_name=study.name, storage=optuna_url(tmp_path), direction="maximize")
+    done = ot.ask()
+    ot.tell(done, 0.5)
+    ot.ask()  # started, never told: its trial was killed
+    assert close_stale_trials(study, tmp_path) == 1
+    states = [t.state for t in optuna.load_study(study_name=study.name, storage=optuna_url(tmp_path)).trials]
+    assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL]
+    interrupted = optuna.load_study(study_name=study.name, storage=optuna_url(tmp_path)).trials[1]
+    assert "interrupted" in interrupted.user_attrs["ia2ray_interrupted"]
+    assert close_stale_trials(study, tmp_path) == 0
+
+
+def test_report_compares_each_method_with_sft_and_icl_paired_by_seed(tmp_path):
+    """Paired by seed (a method's seed 3 has no partner and is left out), t-test p-values equal to
+    scipy's `ttest_rel`, ECE judged lower-is-better; in report.csv, report.md and the table rows."""
+    from scipy.stats import ttest_rel
+
+    from ia2ray.study.report import paired_markdown, summarise, table_csv
+
+    def runs_of(values):
+        return [{"seed": s, "params": {}, "test": {"acc": a, "ece": e}, "val": {"acc": a, "ece": e}}
+                for s, (a, e) in values.items()]
+
+    runs = {"ICL": runs_of({0: (0.60, 0.20), 1: (0.62, 0.22), 2: (0.58, 0.18)}),
+            "SFT only": runs_of({0: (0.50, 0.30), 1: (0.55, 0.28), 2: (0.52, 0.35)}),
+            "best-1": runs_of({0: (0.70, 0.10), 1: (0.74, 0.12), 2: (0.69, 0.11), 3: (0.1, 0.9)})}
+    table = {r["method"]: r for r in summarise(runs)}
+    best = table["best-1"]
+    acc, sft_acc = [0.70, 0.74, 0.69], [0.50, 0.55, 0.52]
+    assert best["vs_sft_test_acc_diff"] == pytest.approx(sum(a - b for a, b in zip(acc, sft_acc)) / 3)
+    assert best["vs_sft_test_acc_p"] == pytest.approx(ttest_rel(acc, sft_acc).pvalue, rel=1e-9)
+    assert best["vs_sft_test_acc_n"] == 3 and best["vs_sft_test_acc_verdict"] == "better"
+    ece, icl_ece = [0.10, 0.12, 0.11], [0.20, 0.22, 0.18]
+    assert best["vs_icl_test_ece_p"] == pytest.approx(ttest_rel(ece, icl_ece).pvalue, rel=1e-9)
+    assert best["vs_icl_test_ece_verdict"] == "better"  # lower ECE
+    assert table["SFT only"]["vs_icl_test_acc_verdict"] == "worse"
+    assert "vs_sft_test_acc_diff" not in table["SFT only"] and "vs_icl_test_acc_diff" not in table["ICL"]
+    header = table_csv(list(table.values())).splitlines()[0].split(",")
+    assert "vs_sft_test_acc_p" in header and "vs_icl_test_ece_verdict" in header
+    md = paired_markdown(list(table.values()))
+    assert "| best-1 | SFT only | 3 | +0.1867 [" in md and "| better |" in md

@@ -217,3 +217,82 @@ def test_in_process_trials_keep_the_model_loaded_in_their_actor(ray_cluster, tmp
     best = next(s for s in confirm if s["label"] == "best-1")
     found = next(s for s in search if s["params"] == best["params"])
     assert best["val"] == found["val"]
+
+
+def test_seed_robust_search_and_tuned_baselines_compare_paired(ray_cluster, tmp_path):
+    """Search trials train and validate on two subsets and report the means; each trained baseline has
+    its rate chosen on validation over a grid before confirmation; the report compares paired by seed.
+    In-process trials, SQLite MLflow."""
+    import optuna
+    from mlflow import MlflowClient
+
+    from ia2ray.core.stats import paired
+    from ia2ray.study.confirm import pick_rates
+    from ia2ray.study.records import study_runs
+    from ia2ray.study.space import decode_point
+    from ia2ray.tune import main
+
+    storage = tmp_path / "studies"
+    sets = ["train.num_workers=0", "study.num_trials=2", "study.search_seeds=[0, 1]", "study.confirm.seeds=[0, 1]",
+            "study.confirm.baselines=[icl, sft]", "study.confirm.baseline_lrs=[1.0e-3, 1.0e-2]",
+            "search.params={lr.align: {kind: loguniform, low: 1.0e-3, high: 1.0e-2, default: 1.0e-3}, "
+            "lr.sft: {kind: loguniform, low: 1.0e-3, high: 1.0e-2, default: 1.0e-3}, "
+            "pipeline: {kind: choice, values: [ia2, ia2->sft], default: ia2->sft}}"]
+    assert main(["--config", str(SMOKE), "--storage", str(storage), *[a for s in sets for a in ("--set", s)]]) == 0
+    study = storage / "smoke"
+    runs = {p.parent.name: json.loads(p.read_text()) for p in (study / "runs").glob("*/summary.json")}
+
+    # each search trial: one run per subset, the trial's summary holds their means, Optuna the same values
+    ot = optuna.load_study(study_name="smoke", storage=f"sqlite:///{study / 'optuna.db'}")
+    assert [t.state for t in ot.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    for t in ot.trials:
+        trial = next(s for s in runs.values() if s["phase"] == "search" and "seeds" in s
+                     and s["params"] == decode_point(json_study(study), t.params))
+        seeds = [runs[name] for name in trial["runs"]]
+        assert [s["config"]["data"]["seed"] for s in seeds] == [0, 1]
+        assert t.values[0] == pytest.approx(sum(s["val"]["acc"] for s in seeds) / 2)
+        assert t.values[1] == pytest.approx(sum(s["val"]["ece"] for s in seeds) / 2)
+        assert trial["val"]["acc"] == t.values[0]
+        # conditional space: ia2 never samples lr.sft
+        assert ("lr.sft" in t.params) == (t.params["pipeline"] == "ia2->sft")
+
+    # the SFT baseline: both rates on both subsets, the best validation mean confirmed
+    tuning = [s for s in runs.values() if s["phase"] == "baseline" and "seeds" in s]
+    assert sorted(s["params"]["lr.sft"] for s in tuning) == [1e-3, 1e-2]
+    results = [{"method": "sft", "lr": s["params"]["lr.sft"], "metrics": {f"val/{k}": v for k, v in s["val"].items()}}
+               for s in tuning]
+    best_lr = pick_rates(json_study(study), results, has_ece=True)["sft"]["lr"]
+    confirmed = [s for s in runs.values() if s["phase"] == "confirm" and s["label"] == "SFT only"]
+    assert len(confirmed) == 2 and all(s["config"]["lr"]["sft"] == best_lr for s in confirmed)
+    assert all(s["tuned"].startswith("lr in {0.001, 0.01} -> ") for s in confirmed)
+
+    # the report: tuned-over notes and paired comparisons equal to `paired` on the confirmation runs
+    with open(study / "report.csv") as fh:
+        rows = {r["method"]: r for r in csv.DictReader(fh)}
+    by_seed = {label: {s["seed"]: s["test"]["acc"] for s in runs.values()
+                       if s["phase"] == "confirm" and s["label"] == label} for label in ("best-1", "SFT only")}
+    expected = paired([by_seed["best-1"][s] for s in (0, 1)], [by_seed["SFT only"][s] for s in (0, 1)])
+    assert float(rows["best-1"]["vs_sft_test_acc_diff"]) == pytest.approx(expected.mean, abs=1e-6)
+    assert rows["best-1"]["vs_sft_test_acc_verdict"] == expected.verdict
+    assert rows["best-1"]["tuned"].startswith("2 tpe trials over")
+    report = (study / "report.md").read_text()
+    assert "## Paired differences on the test split" in report and "| best-1 | ICL | 2 |" in report
+
+    # MLflow: one run per search trial with each subset's metrics under s<seed>/ and the means bare;
+    # the parent holds the paired comparisons
+    uri = f"sqlite:///{storage / 'mlflow.db'}"
+    search = study_runs(uri, study, "tags.`ia2ray.phase` = 'search'")
+    assert len(search) == 2
+    for run in search:
+        m = run.data.metrics
+        assert m["val/acc"] == pytest.approx((m["s0/val/acc"] + m["s1/val/acc"]) / 2)
+    (parent,) = study_runs(uri, study, "tags.`ia2ray.role` = 'study'")
+    parent = MlflowClient(uri).get_run(parent.info.run_id)
+    assert parent.data.metrics["best-1/vs_sft/test/acc_diff"] == pytest.approx(expected.mean, abs=1e-6)
+    assert parent.data.tags["ia2ray.verdict.best-1.vs_sft.acc"] == expected.verdict
+
+
+def json_study(study_dir: Path):
+    from ia2ray.config.schema import StudyFile
+
+    return StudyFile.model_validate(json.loads((study_dir / "study.json").read_text())["study"])

@@ -143,8 +143,12 @@ class TaskConfig(Section):
 class DataConfig(Section):
     n: int = Field(8, ge=1, description="N: number of training examples (each is prompted with the other N-1 as demos).")
     seed: int = Field(0, description="Seed of the N-shot subset (the paper uses 5 seeds per N).")
-    val_size: int = Field(64, ge=1, description="Validation examples (model selection), drawn from the train pool.")
-    test_size: int = Field(128, ge=1, description="Held-out test examples (reporting only), from the eval pool.")
+    val_size: Optional[int] = Field(
+        None, ge=1, description="Validation examples (model selection), drawn from the train pool. null: 256 (enough "
+        "rows that a 15-bin ECE has ~17 a bin), fewer when the train pool holds fewer after N and the dev split.")
+    test_size: Optional[int] = Field(
+        None, ge=1, description="Held-out test examples (reporting only): the first rows of the eval pool. null: 500, "
+        "or the whole eval pool when it is smaller.")
     train_pool: int = Field(2000, ge=1, description="Size of the seeded train pool (paper: 2000).")
     eval_pool: int = Field(500, ge=1, description="Size of the seeded eval pool (paper: 500).")
 
@@ -217,6 +221,11 @@ class TrainConfig(Section):
     max_epochs: int = Field(50, ge=1, description="Upper bound on epochs per stage (paper: 50).")
     patience: int = Field(5, ge=1, description="Early stop after this many dev-loss checks without improvement.")
     eval_every: int = Field(2, ge=1, description="Optimiser steps between dev-loss checks (paper: 2).")
+    keep_initial: bool = Field(
+        False, description="Also check the dev loss before a stage's first step and count the adapter it starts "
+        "with as an early-stopping candidate, so a stage that only makes the dev loss worse leaves its adapter "
+        "unchanged. false (the paper's reference): the best of the checks after training steps is kept.",
+    )
     seed: int = Field(0, description="Seed of LoRA init, data order and dropout.")
     device: str = Field("auto", description="`auto` (cuda if available), `cpu`, `cuda`, `cuda:1`, ... (in-process training).")
     num_workers: int = Field(
@@ -379,15 +388,42 @@ class ConfirmConfig(Section):
     seeds: list[int] = Field([0, 1, 2], min_length=1, description="`data.seed` values (N-shot subsets) of the "
                              "confirmation runs; mean and std over them go into the report (paper: 5 seeds).")
     baselines: list[Literal["icl", "sft", "ia2", "ia2->sft"]] = Field(
-        list(BASELINES), description="Baselines confirmed next to the found configs, each with every searched "
-        "parameter at its default: ICL (N-1 demos, no training), SFT only, IA2 only, IA2 -> SFT.",
+        list(BASELINES), description="Baselines confirmed next to the found configs: ICL (N-1 demos, no training), "
+        "SFT only, IA2 only, IA2 -> SFT; each trained one has its learning rate tuned first (`baseline_lrs`), every "
+        "other searched parameter at its default.",
     )
+    baseline_lrs: list[float] = Field(
+        [1e-4, 3e-4, 1e-3], description="The grid each trained baseline's learning rate is chosen from before "
+        "confirmation (the paper's grid for 1B-4B models): every rate trains on each `study.search_seeds` subset and "
+        "is scored on validation like a search trial; the best mean (the study's objective; with `pareto`, accuracy "
+        "first, then ECE) is confirmed. `lr.align` and `lr.sft` both take the rate, as in the paper. []: confirm "
+        "the baselines at the defaults.",
+    )
+
+    @field_validator("baseline_lrs")
+    @classmethod
+    def _positive_rates(cls, v):
+        if any(lr <= 0 for lr in v) or len(set(v)) != len(v):
+            raise ValueError("learning rates must be positive and distinct")
+        return v
 
 
 class StudyConfig(Section):
     """How the search runs: trial budget, objective, sampler, resources, storage."""
 
     num_trials: int = Field(16, ge=1, description="Trials of the search.")
+    search_seeds: list[int] = Field(
+        [0, 1, 2], min_length=1, description="`data.seed` values (N-shot subsets) every search trial trains and "
+        "validates on: the trial reports the mean (and std) of each validation metric over them, and the objective "
+        "uses the means, so a config is not picked for one lucky subset. The teacher is captured once per subset "
+        "and site.")
+
+    @field_validator("search_seeds")
+    @classmethod
+    def _distinct_seeds(cls, v):
+        if len(set(v)) != len(v):
+            raise ValueError("seeds must be distinct")
+        return v
     max_concurrent: int = Field(0, ge=0, description="Trials running at once; 0: as many as the cluster's CPUs and "
                                 "GPUs hold (each trial's Train workers need their resources).")
     objective: Literal["pareto", "scalar"] = Field(

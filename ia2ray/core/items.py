@@ -39,6 +39,20 @@ def uses_teacher(pipeline: str) -> bool:
     return any(src == "teacher" for _, _, src, _ in PIPELINE_STAGES[pipeline])
 
 
+def uses_key(pipeline: str, key: str) -> bool:
+    """Whether the dotted config `key` can change a run of `pipeline`: `lr.<x>` only where a stage
+    trains at that rate, `loss.ce_weight` only in a joint stage, other `align.*` / `loss.*` keys only
+    where a stage aligns activations; keys of every other section always."""
+    kinds = {kind for _, kind, _, _ in PIPELINE_STAGES[pipeline]}
+    if key.startswith("lr."):
+        return any(lr == key[len("lr."):] for *_, lr in PIPELINE_STAGES[pipeline])
+    if key == "loss.ce_weight":
+        return "joint" in kinds
+    if key.startswith(("align.", "loss.")):
+        return bool(kinds & {"align", "joint"})
+    return True
+
+
 def answer_ids(tokenizer, spec: TaskSpec, ex: Example) -> list[int]:
     """Gold answer tokens as they follow the query (EOS appended for free-text answers, as in the paper)."""
     ids = continuation_ids(tokenizer, format_query(spec, ex), format_answer(spec, ex))
@@ -86,7 +100,8 @@ def stage_work(cfg: RunConfig, tokenizer, data: RunData, layers: list[int], teac
                                    layer_weights=tuple(cfg.align.layer_weights) if cfg.align.layer_weights else None)
         settings = StageSettings(lr=getattr(cfg.lr, lr_key), batch_size=cfg.train.batch_size,
                                  max_epochs=cfg.train.max_epochs, patience=cfg.train.patience,
-                                 eval_every=cfg.train.eval_every, seed=cfg.train.seed)
+                                 eval_every=cfg.train.eval_every, seed=cfg.train.seed,
+                                 keep_initial=cfg.train.keep_initial)
         train_items = stage_items(tokenizer, data.spec, data.splits.train, source, records[:n_train] if records else None)
         dev_items = stage_items(tokenizer, data.spec, data.splits.dev, source, records[n_train:] if records else None)
         out.append(StageWork(name, source, objective, settings, train_items, dev_items))

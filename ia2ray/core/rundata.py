@@ -12,7 +12,7 @@ from typing import Optional
 
 from ia2ray.config.schema import OodTarget, RunConfig, format_overrides
 from ia2ray.data.examples import Example
-from ia2ray.data.splits import Splits, eval_pool, icl_demo_draws, load_pools, make_splits
+from ia2ray.data.splits import Splits, dev_size, eval_pool, icl_demo_draws, load_pools, make_splits
 from ia2ray.data.tasks import TaskSpec, get_task, resolve_task
 
 
@@ -29,12 +29,26 @@ def ood_split(name: str) -> str:
     return f"ood/{name}"
 
 
+VAL_SIZE, TEST_SIZE = 256, 500  # the sizes `data.val_size` / `data.test_size` null stand for, where the pools allow
+
+
+def split_sizes(cfg: RunConfig, train_rows: int, eval_rows: int) -> tuple[int, int]:
+    """(val, test) sizes: the configured ones, else `VAL_SIZE` / `TEST_SIZE` or what the pools hold
+    (the train pool after N and the dev split; the whole eval pool)."""
+    val, test = cfg.data.val_size, cfg.data.test_size
+    if val is None:
+        val = max(1, min(VAL_SIZE, train_rows - cfg.data.n - dev_size(cfg.data.n)))
+    if test is None:
+        test = min(TEST_SIZE, eval_rows)
+    return val, test
+
+
 def prepare_data(cfg: RunConfig) -> RunData:
     """Task spec, rows, N-shot splits and ICL demo draws."""
     spec = resolve_task(cfg.task.name, format_overrides(cfg.task), cfg.task.define)
     targets = {name: ood_spec(spec, name, ood) for name, ood in cfg.task.ood.items()}
     train_rows, eval_rows = load_pools(spec, cfg.data.train_pool, cfg.data.eval_pool, cfg.task.path, cfg.task.eval_path)
-    splits = make_splits(train_rows, eval_rows, cfg.data.n, cfg.data.seed, cfg.data.val_size, cfg.data.test_size)
+    splits = make_splits(train_rows, eval_rows, cfg.data.n, cfg.data.seed, *split_sizes(cfg, len(train_rows), len(eval_rows)))
     draws = []
     if cfg.eval.icl_baseline:
         draws = icl_demo_draws(splits, max(cfg.data.n - 1, 0), cfg.eval.icl_draws, cfg.data.seed)
@@ -62,7 +76,7 @@ def ood_rows(cfg: RunConfig, target: TaskSpec, name: str, path: Optional[str]) -
     if not rows:
         raise ValueError(f"task.ood.{name}: no usable rows in {path or target.hub_id} (every row's label is one the "
                          "task leaves out)")
-    return rows[: cfg.data.test_size]
+    return rows[: cfg.data.test_size or TEST_SIZE]
 
 
 def eval_sets(data: RunData, splits: tuple[str, ...]) -> list[tuple[str, TaskSpec, list[Example]]]:

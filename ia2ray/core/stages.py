@@ -2,8 +2,9 @@
 
 The paper's recipe: Adam without weight decay, scheduler or clipping; dev loss checked every
 `eval_every` optimiser steps and at the end of every epoch (as the reference does); stop after
-`patience` checks without improvement; restore the best adapter. We also check once before the first
-step, so a stage that only makes the dev loss worse leaves the adapter as it found it.
+`patience` checks without improvement; restore the best adapter. With `keep_initial` (not the paper's)
+we also check once before the first step, so a stage that only makes the dev loss worse leaves the
+adapter as it found it.
 
 `stage_loop` is that loop, once, over a small engine interface (`train_step`, `dev_loss`, `adapter`,
 `train`): `LocalEngine` below is a plain torch Adam in this process; `ia2ray.train.worker` wraps a
@@ -55,6 +56,7 @@ class StageSettings:
     patience: int = 5
     eval_every: int = 2
     seed: int = 0
+    keep_initial: bool = False  # the adapter a stage starts with is a candidate (a dev check before step 1)
 
 
 @dataclass
@@ -163,7 +165,7 @@ def stage_loop(
 ) -> LoopState:
     """The stage loop: epochs of seeded shuffled batches, a dev check every `eval_every` steps and at
     each epoch end (and once before the first step), early stopping after `patience` checks without
-    improvement. `state` resumes a stage mid-way (the shuffles of skipped epochs are drawn again, so
+    improvement; with `settings.keep_initial` also once before the first step. `state` resumes a stage mid-way (the shuffles of skipped epochs are drawn again, so
     the batches are the same). Hooks: `on_record(entry)` after each history entry; `after_check(state,
     entry)` after the first check; `after_step(state, entry, checked)` after each step that did not
     stop the stage. The best adapter is `state.stopper.best_state`; the engine keeps the last one."""
@@ -183,7 +185,7 @@ def stage_loop(
         add({"step": step, "dev_loss": loss})
         return stopper.update(loss, step, engine.adapter)
 
-    if fresh:
+    if fresh and settings.keep_initial:
         check(0)
         if after_check:
             after_check(state, result.history[-1])
@@ -270,7 +272,8 @@ def train_stage(
     on_log: Optional[Callable[[str, dict], None]] = None,
 ) -> StageResult:
     """Train the model's trainable parameters on one stage, in this process; returns its history. The
-    model ends holding the best adapter (by dev loss; the starting adapter counts as step 0)."""
+    model ends holding the best adapter by dev loss (with `settings.keep_initial` the starting adapter
+    is a candidate too, as step 0)."""
     engine = LocalEngine(name, model, objective, dev_items, settings, pad_id, device)
     state = stage_loop(name, settings, train_items, engine, on_record=(lambda e: on_log(name, e)) if on_log else None)
     model.eval()

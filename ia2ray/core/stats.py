@@ -28,6 +28,12 @@ class Paired:
         return asdict(self)
 
 
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof=1; 0 for one value)."""
+    mean = statistics.fmean(values)
+    return mean, statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def paired(a: Sequence[float], b: Sequence[float], *, higher_is_better: bool = True, alpha: float = 0.05,
            confidence: float = 0.95, resamples: int = 10_000, seed: int = 0) -> Paired:
     """Compare a against b, paired by position (the same seed in both lists)."""

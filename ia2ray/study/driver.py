@@ -1,4 +1,5 @@
-"""A whole study, top to bottom: validate -> teacher capture -> search -> confirmation -> report.
+"""A whole study, top to bottom: validate -> teacher capture -> search -> baselines' learning rates ->
+confirmation -> report.
 
 Everything that can be wrong with the input (config keys, the search space, layer indices beyond the
 model's depth, label tokens, data rows, the storage path, an existing study without --resume) is
@@ -51,7 +52,7 @@ class PreparedStudy:
 
 # parts of a bucket study that Ray Tune and Ray Train write to the bucket themselves, and the teacher
 # cache, whose entries are copied one by one: never copied as part of the study folder
-REMOTE_ONLY = ("search", "confirm", "train", "activations")
+REMOTE_ONLY = ("search", "baselines", "confirm", "train", "activations")
 
 
 def default_study_path() -> Path:
@@ -218,13 +219,29 @@ def dry_run_lines(p: PreparedStudy, plan: TrialPlan, cluster_note: str) -> list[
     lines += [f"  {line}" for line in describe(p.study)]
     metrics = [f"{m} ({d})" for m, d in objectives(p.study, p.has_ece)]
     lines += [f"objective: {', '.join(metrics)} (ECE {p.base.eval.ece_scheme}, {p.base.eval.ece_bins} bins)",
-              f"trials: {s.num_trials} (sampler {s.sampler}, seed {s.seed})",
+              f"trials: {s.num_trials} (sampler {s.sampler}{SAMPLER_NOTES.get(s.sampler, '')}, seed {s.seed}), each "
+              f"on subsets {' '.join(map(str, s.search_seeds))} (data.seed; the objective takes the means)",
               f"resources ({cluster_note}):", *[f"  {line}" for line in plan.describe()],
               f"teacher captures before the trials: {len(teacher_variants(p.base, p.study))}",
               f"MLflow: {p.tracking_uri}, experiment {p.study.name}" if p.tracking_uri else "MLflow: off",
+              *baseline_lines(p.study),
               f"confirmation: top {s.confirm.top_k} configs + baselines {', '.join(s.confirm.baselines)} "
               f"x seeds {s.confirm.seeds}, on the test split"]
     return lines
+
+
+SAMPLER_NOTES = {"tpe": ": multivariate over the conditional space's groups, constant liar for concurrent trials"}
+
+
+def baseline_lines(study: StudyFile) -> list[str]:
+    from ia2ray.study.confirm import tuned_baselines
+
+    methods = tuned_baselines(study)
+    if not methods:
+        return ["baselines: confirmed at the defaults (study.confirm.baseline_lrs is empty)"]
+    grid = ", ".join(f"{lr:g}" for lr in study.study.confirm.baseline_lrs)
+    return [f"baselines' learning rate: {', '.join(methods)} each over {{{grid}}} on validation "
+            f"({len(methods) * len(study.study.confirm.baseline_lrs)} runs of {len(study.study.search_seeds)} subsets)"]
 
 
 def study_id(study_dir: Path) -> str:
@@ -314,9 +331,9 @@ def _run(p: PreparedStudy, resume: bool, parent, tracking: Optional[dict]) -> di
     import ray
 
     from ia2ray.core.model import weight_bytes
-    from ia2ray.study.confirm import confirmation_rows, run_confirm
+    from ia2ray.study.confirm import confirmation_rows, run_baselines, run_confirm
     from ia2ray.study.report import write_pareto_csv, write_report
-    from ia2ray.study.search import completed_trials, pareto_front, run_search
+    from ia2ray.study.search import close_stale_trials, completed_trials, pareto_front, run_search
     from ia2ray.study.teacher import capture_all, teacher_variants
     from ia2ray.study.records import finish_study_run
 
@@ -333,6 +350,7 @@ def _run(p: PreparedStudy, resume: bool, parent, tracking: Optional[dict]) -> di
 
     t = time.perf_counter()
     grid = run_search(p.study, ctx, plan, p.has_ece, resume)
+    close_stale_trials(p.study, p.study_dir)
     timings["search"] = time.perf_counter() - t
     download_runs(p)
     errors = [f"trial {r.metrics.get('trial_id', '?')}: {r.error}" for r in grid if r.error]
@@ -343,7 +361,13 @@ def _run(p: PreparedStudy, resume: bool, parent, tracking: Optional[dict]) -> di
     front = pareto_front(p.study, p.study_dir, p.has_ece)
 
     t = time.perf_counter()
-    rows = confirmation_rows(p.study, front)
+    chosen, failed = run_baselines(p.study, ctx, plan, resume, p.has_ece)
+    download_runs(p)
+    errors += failed
+    timings["baselines"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    rows = confirmation_rows(p.study, front, chosen, len(trials))
     confirm = run_confirm(rows, ctx, plan, resume) if rows else []
     download_runs(p)
     timings["confirm"] = time.perf_counter() - t

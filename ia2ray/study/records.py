@@ -107,45 +107,62 @@ def running(run: Optional[RunLog], out_dir: Path):
     return run.running(out_dir / PENDING_FILE) if run else nullcontext()
 
 
-def log_history(run: Optional[RunLog]):
-    """`on_log` for run_pipeline: each stage's history entry as `<stage>/loss`, `<stage>/dev_loss`."""
+def log_history(run: Optional[RunLog], prefix: str = ""):
+    """`on_log` for run_pipeline: each stage's history entry as `<prefix><stage>/loss`, `.../dev_loss`."""
     if run is None:
         return None
-    return lambda stage, entry: run.log_metrics(step_metrics(stage, entry))
+    return lambda stage, entry: run.log_metrics(step_metrics(prefix + stage, entry))
 
 
 def log_result(run: Optional[RunLog], out_dir: Path, cfg: RunConfig, summary: dict, splits: tuple[str, ...],
-               metrics: Optional[dict] = None) -> None:
+               metrics: Optional[dict] = None, prefix: str = "") -> None:
     """A finished run's history, split metrics, timings and artifacts (config, summary, answers, adapter, reliability
-    diagram of the last split); metric steps already logged are skipped."""
+    diagram of the last split); metric steps already logged are skipped. `prefix`: one subset of a search trial
+    over several (`s<seed>/`): its metric keys and artifact folder start with it."""
     if run is None:
         return
     from ia2ray.fileio import write_text_atomic
     from ia2ray.study.plots import plot_reliability
 
     run.sync()  # Ray Train's rank 0 may have logged part of the history already
-    items = [m for h in summary.get("history", []) for m in step_metrics(h["stage"], h)]
+    items = [m for h in summary.get("history", []) for m in step_metrics(prefix + h["stage"], h)]
     finals = {**split_metrics(summary, splits), **(metrics or {}),
               **{f"time/{k}": v for k, v in (summary.get("timings") or {}).items()}}
-    run.log_metrics(items + [(k, v, 0) for k, v in finals.items()])
+    run.log_metrics(items + [(prefix + k, v, 0) for k, v in finals.items()])
     write_text_atomic(out_dir / "config.yaml", dump_yaml(cfg))
     plot_reliability({cfg.name: [summary]}, out_dir / "reliability.png", split=splits[-1])  # test, else val
+    folder = prefix.rstrip("/") or None
     for name in ("config.yaml", "summary.json", "answers.json", "reliability.png"):
         if (out_dir / name).is_file():
-            run.log_artifact(out_dir / name)
+            run.log_artifact(out_dir / name, folder)
     if (out_dir / "adapter").is_dir():
-        run.log_artifact(out_dir / "adapter", "adapter")
+        run.log_artifact(out_dir / "adapter", prefix + "adapter")
 
 
 def finish_study_run(parent: RunLog, study_dir: Path, table: list[dict], n_trials: int) -> None:
-    """The parent's report artifacts and the confirmed methods' test metrics (mean and std over seeds)."""
-    metrics = [("search/completed_trials", float(n_trials), 0)]
+    """The parent's report artifacts, the confirmed methods' test metrics (mean and std over seeds) and
+    their paired comparisons (`<method>/vs_<ref>/test/<metric>_{diff, ci_low, ci_high, p}`, the verdict
+    as tag `ia2ray.verdict.<method>.vs_<ref>.<metric>`)."""
+    import math
+
+    metrics, verdicts = [("search/completed_trials", float(n_trials), 0)], {}
     for row in table:
+        method = slug(row["method"])
         for key in ("acc", "ece"):
             if f"test_{key}_mean" in row:
-                metrics += [(f"{slug(row['method'])}/test/{key}", row[f"test_{key}_mean"], 0),
-                            (f"{slug(row['method'])}/test/{key}_std", row[f"test_{key}_std"], 0)]
+                metrics += [(f"{method}/test/{key}", row[f"test_{key}_mean"], 0),
+                            (f"{method}/test/{key}_std", row[f"test_{key}_std"], 0)]
+        for col, value in row.items():
+            if col.startswith("vs_") and col.endswith("_verdict"):  # vs_<ref>_test_<metric>_verdict
+                ref, metric = col[len("vs_"):-len("_verdict")].split("_test_")
+                verdicts[tag(f"verdict.{method}.vs_{ref}.{metric}")] = value
+                for part in ("diff", "ci_low", "ci_high", "p"):
+                    number = row[col[: -len("verdict")] + part]
+                    if math.isfinite(number):
+                        metrics.append((f"{method}/vs_{ref}/test/{metric}_{part}", number, 0))
     parent.log_metrics(metrics)
+    if verdicts:
+        parent.set_tags(verdicts)
     for name in PARENT_ARTIFACTS:
         if (study_dir / name).is_file():
             parent.log_artifact(study_dir / name)

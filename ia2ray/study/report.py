@@ -1,9 +1,12 @@
 """The study report: a table per method (mean and std over seeds of test accuracy and ECE, and of the
-out-of-domain targets'), the Pareto front of the search, and reliability diagrams, written into the
-study folder.
+out-of-domain targets'), paired comparisons against SFT only and ICL, the Pareto front of the search,
+and reliability diagrams, written into the study folder.
 
 Files: `report.md`, `report.csv`, `trials.csv` (every completed search trial), `pareto.csv`, `pareto.png`,
-`reliability.png`. Standard deviations are sample standard deviations (ddof=1; 0 for one seed).
+`reliability.png`. Standard deviations are sample standard deviations (ddof=1; 0 for one seed). A paired
+comparison takes the per-seed differences on the seeds both methods have (the same N-shot subset):
+their mean, a bootstrap 95% interval (10,000 resamples, seed 0), the two-sided paired t-test p-value
+and a verdict at 0.05 (`ia2ray.core.stats.paired`).
 """
 
 from __future__ import annotations
@@ -14,15 +17,12 @@ import json
 import math
 from pathlib import Path
 
+from ia2ray.core.stats import mean_std, paired
 from ia2ray.fileio import write_text_atomic
 from ia2ray.study.plots import plot_pareto, plot_reliability
 
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    return mean, std
+REFERENCES = {"SFT only": "sft", "ICL": "icl"}  # methods every other method is compared against, by column prefix
+PAIRED_METRICS = (("acc", True), ("ece", False))  # (metric, higher is better) on the test split
 
 
 def describe_params(params: dict) -> str:
@@ -51,24 +51,50 @@ def summarise(runs: dict[str, list[dict]]) -> list[dict]:
     table = []
     for label, summaries in runs.items():
         row = {"method": label, "params": describe_params(summaries[0].get("params", {})),
+               "tuned": summaries[0].get("tuned", ""),
                "seeds": " ".join(str(s["seed"]) for s in summaries), "n_seeds": len(summaries)}
         for split in ("test", "val", *ood_targets(runs)):
             for key in ("acc", "ece"):
                 values = [s[split][key] for s in summaries if split in s and s[split].get(key) is not None]
                 if values:
-                    row[f"{split}_{key}_mean"], row[f"{split}_{key}_std"] = _mean_std(values)
+                    row[f"{split}_{key}_mean"], row[f"{split}_{key}_std"] = mean_std(values)
         table.append(row)
+    add_paired(table, runs)
     return table
 
 
+def per_seed(summaries: list[dict], key: str) -> dict[int, float]:
+    return {s["seed"]: s["test"][key] for s in summaries if s.get("test", {}).get(key) is not None}
+
+
+def add_paired(table: list[dict], runs: dict[str, list[dict]]) -> None:
+    """Each method against each reference (`REFERENCES`) present: `vs_<ref>_test_<metric>_{diff, ci_low,
+    ci_high, p, verdict, n}` on the seeds both have."""
+    for row in table:
+        for ref, short in REFERENCES.items():
+            if row["method"] == ref or ref not in runs:
+                continue
+            for key, higher in PAIRED_METRICS:
+                a, b = per_seed(runs[row["method"]], key), per_seed(runs[ref], key)
+                seeds = sorted(set(a) & set(b))
+                if not seeds:
+                    continue
+                r = paired([a[s] for s in seeds], [b[s] for s in seeds], higher_is_better=higher)
+                col = f"vs_{short}_test_{key}"
+                row.update({f"{col}_diff": r.mean, f"{col}_ci_low": r.ci_low, f"{col}_ci_high": r.ci_high,
+                            f"{col}_p": r.p_value, f"{col}_verdict": r.verdict, f"{col}_n": r.n})
+
+
 COLUMNS = ["method", "n_seeds", "seeds", "test_acc_mean", "test_acc_std", "test_ece_mean", "test_ece_std",
-           "val_acc_mean", "val_acc_std", "val_ece_mean", "val_ece_std", "params"]
+           "val_acc_mean", "val_acc_std", "val_ece_mean", "val_ece_std"]
+PAIRED_COLUMNS = [f"vs_{short}_test_{key}_{part}" for short in REFERENCES.values() for key, _ in PAIRED_METRICS
+                  for part in ("diff", "ci_low", "ci_high", "p", "verdict", "n")]
 
 
 def table_csv(table: list[dict]) -> str:
     buf = io.StringIO()
     ood = sorted({k for row in table for k in row if k.startswith("ood/")})
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS[:-1] + ood + COLUMNS[-1:], extrasaction="ignore")
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS + ood + PAIRED_COLUMNS + ["tuned", "params"], extrasaction="ignore")
     writer.writeheader()
     for row in table:
         writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
@@ -82,12 +108,34 @@ def _cell(row: dict, split: str, key: str) -> str:
 
 
 def table_markdown(table: list[dict], ece_scheme: str) -> str:
-    lines = [f"| method | seeds | test acc | test ECE ({ece_scheme}) | val acc | val ECE | config |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"| method | seeds | test acc | test ECE ({ece_scheme}) | val acc | val ECE | config | tuned |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in table:
         lines.append(f"| {r['method']} | {r['seeds']} | {_cell(r, 'test', 'acc')} | {_cell(r, 'test', 'ece')} | "
-                     f"{_cell(r, 'val', 'acc')} | {_cell(r, 'val', 'ece')} | {r['params'] or 'defaults'} |")
+                     f"{_cell(r, 'val', 'acc')} | {_cell(r, 'val', 'ece')} | {r['params'] or 'defaults'} | "
+                     f"{r.get('tuned') or '-'} |")
     return "\n".join(lines) + "\n"
+
+
+def _paired_cells(row: dict, col: str) -> str:
+    if f"{col}_diff" not in row:
+        return "- | - | -"
+    p = row[f"{col}_p"]
+    return (f"{row[f'{col}_diff']:+.4f} [{row[f'{col}_ci_low']:+.4f}, {row[f'{col}_ci_high']:+.4f}] | "
+            f"{'n/a' if math.isnan(p) else f'{p:.3g}'} | {row[f'{col}_verdict']}")
+
+
+def paired_markdown(table: list[dict]) -> str:
+    """Per method and reference: the paired test differences (accuracy: higher is better; ECE: lower)."""
+    lines = ["| method | against | seeds | acc diff [95% CI] | p | verdict | ECE diff [95% CI] | p | verdict |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in table:
+        for ref, short in REFERENCES.items():
+            col = f"vs_{short}_test"
+            if f"{col}_acc_n" in r:
+                lines.append(f"| {r['method']} | {ref} | {r[f'{col}_acc_n']} | {_paired_cells(r, f'{col}_acc')} | "
+                             f"{_paired_cells(r, f'{col}_ece')} |")
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
 
 
 def ood_markdown(table: list[dict], targets: list[str], ece_scheme: str) -> str:
@@ -121,7 +169,7 @@ def write_report(study_dir: Path, name: str, study_lines: list[str], rows: list[
     """Write report.md/csv, trials.csv and the plots; returns (markdown table, table rows)."""
     runs = load_confirm_runs(study_dir, rows)
     table, targets = summarise(runs), ood_targets(runs)
-    md_table = table_markdown(table, ece_scheme)
+    md_table, paired_md = table_markdown(table, ece_scheme), paired_markdown(table)
     ood = ["## Out of domain: each target's test rows (mean ± std over seeds)", "",
            ood_markdown(table, targets, ece_scheme),
            "The ICL rows put demos of the trained task before each target query; no target row was used for "
@@ -137,7 +185,12 @@ def write_report(study_dir: Path, name: str, study_lines: list[str], rows: list[
     text = "\n".join([
         f"# Study {name}", "", *study_lines, "",
         "## Confirmation on the test split (mean ± std over seeds)", "", md_table,
-        "Selection used only the validation split; the test split was evaluated only here.", "", *ood,
+        "Selection used only the validation split; the test split was evaluated only here. `tuned`: what each "
+        "row's configuration was chosen over, on validation.", "",
+        *(["## Paired differences on the test split (method minus reference, per seed)", "", paired_md,
+           "A verdict says `better` or `worse` where the paired t-test gives p < 0.05, else `not distinguishable`; "
+           "with few seeds the intervals are wide and the test has little power.", ""] if paired_md else []),
+        *ood,
         f"## Search: {len(trials)} completed trials; selected configs ({metrics and ', '.join(metrics)})", "",
         *(front_lines or ["(none)"]), "",
         *(["![Pareto front](pareto.png)", ""] if has_pareto and trials else []),

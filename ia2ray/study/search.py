@@ -17,7 +17,7 @@ from ray.tune import Callback
 from ia2ray.config.schema import StudyFile
 from ia2ray.mirror import push
 from ia2ray.study.plan import TrialPlan
-from ia2ray.study.space import decode_point, optuna_space
+from ia2ray.study.space import ConditionalSpace, decode_point
 from ia2ray.study.trial import TrialContext, objectives, search_trial
 
 log = logging.getLogger(__name__)
@@ -36,15 +36,29 @@ def make_searcher(study: StudyFile, study_dir: Path, has_ece: bool):
     from optuna.storages import RDBStorage
     from ray.tune.search.optuna import OptunaSearch
 
-    samplers = {"tpe": lambda: optuna.samplers.TPESampler(seed=study.study.seed),
+    samplers = {"tpe": lambda: tpe_sampler(study.study.seed),
                 "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=study.study.seed),
                 "random": lambda: optuna.samplers.RandomSampler(seed=study.study.seed)}
     pairs = objectives(study, has_ece)
     metric, mode = [m for m, _ in pairs], [d for _, d in pairs]
     if len(pairs) == 1:
         metric, mode = metric[0], mode[0]
-    return OptunaSearch(space=optuna_space(study), metric=metric, mode=mode, sampler=samplers[study.study.sampler](),
+    return OptunaSearch(space=ConditionalSpace(study), metric=metric, mode=mode, sampler=samplers[study.study.sampler](),
                         storage=RDBStorage(optuna_url(study_dir)), study_name=study.name)
+
+
+def tpe_sampler(seed: int):
+    """Multivariate TPE over groups of parameters sampled together (the conditional space's branches),
+    with a constant liar so that trials running at once do not all sample the same point. Optuna 5.1
+    turns multivariate TPE on by default for one objective only, not for the Pareto objective, so it is
+    set here; its `group` option still warns as experimental, which is silenced."""
+    import warnings
+
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True)
 
 
 def run_search(study: StudyFile, ctx: TrialContext, plan: TrialPlan, has_ece: bool, resume: bool):
@@ -91,6 +105,29 @@ def fit_experiment(path: str, trainable, resume: bool, new_tuner):
     else:
         tuner = new_tuner()
     return tuner.fit()
+
+
+INTERRUPTED = ("interrupted: Tune did not restore this trial after the study was killed (it started after Tune's "
+               "last experiment snapshot) and ran another trial in its place")
+
+
+def close_stale_trials(study: StudyFile, study_dir: Path) -> int:
+    """After the search, no trial runs: an Optuna trial still RUNNING belonged to a trial that a kill
+    interrupted and Tune did not restore. Close it as FAIL (user attr `ia2ray_interrupted` says why),
+    so the study's record holds only what happened; returns how many."""
+    import optuna
+    from optuna.storages import RDBStorage
+
+    storage = RDBStorage(optuna_url(study_dir))
+    ot = optuna.load_study(study_name=study.name, storage=storage)
+    stale = ot.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    for t in stale:
+        storage.set_trial_user_attr(t._trial_id, "ia2ray_interrupted", INTERRUPTED)
+        storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+    if stale:
+        log.warning("Optuna: %d trial(s) interrupted by a kill and not restored closed as FAIL: %s", len(stale),
+                    ", ".join(str(t.number) for t in stale))
+    return len(stale)
 
 
 def pareto_front(study: StudyFile, study_dir: Path, has_ece: bool) -> list[dict]:

@@ -1,5 +1,11 @@
-"""The search space of a study file: validation of every candidate, Optuna distributions, and the
-mapping from a sampled point back to a run config.
+"""The search space of a study file: validation of every candidate, Optuna distributions, the
+conditional (define-by-run) space the sampler walks, and the mapping from a sampled point back to a
+run config.
+
+The space is conditional: a trial first samples `pipeline` (when it is searched), then only the
+parameters that pipeline uses (`ia2ray.core.items.uses_key`): `loss.ce_weight` only for `ia2+sft`,
+`lr.sft` only where an SFT stage trains, `align.*` only where a stage aligns activations. A
+parameter a trial did not sample stays at its default (`apply_params`).
 
 Optuna's categorical choices must be None/bool/int/float/str, so a non-scalar choice (an explicit
 layer list such as `[0, 2]`, a list of layer weights, a list of LoRA targets) is presented to Optuna
@@ -15,6 +21,7 @@ from pydantic import ValidationError
 
 from ia2ray.config.load import ConfigError, _format_errors, set_dotted, study_defaults
 from ia2ray.config.schema import RunConfig, SearchParam, StudyFile
+from ia2ray.core.items import uses_key
 
 SCALARS = (type(None), bool, int, float, str)
 
@@ -76,19 +83,59 @@ def check_space(study: StudyFile, where: dict | None = None, source: str = "stud
     return base
 
 
-def optuna_space(study: StudyFile) -> dict:
-    """Dotted key -> Optuna distribution."""
+def distribution(p: SearchParam):
+    """The Optuna distribution of one searched parameter."""
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-    space = {}
-    for key, p in study.search.params.items():
-        if p.kind == "choice":
-            space[key] = CategoricalDistribution([encode_choice(v) for v in p.values])
-        elif p.kind == "int":
-            space[key] = IntDistribution(int(p.low), int(p.high))
-        else:
-            space[key] = FloatDistribution(p.low, p.high, log=p.kind == "loguniform")
-    return space
+    if p.kind == "choice":
+        return CategoricalDistribution([encode_choice(v) for v in p.values])
+    if p.kind == "int":
+        return IntDistribution(int(p.low), int(p.high))
+    return FloatDistribution(p.low, p.high, log=p.kind == "loguniform")
+
+
+def optuna_space(study: StudyFile) -> dict:
+    """Dotted key -> Optuna distribution (the whole space, unconditioned)."""
+    return {key: distribution(p) for key, p in study.search.params.items()}
+
+
+def searched_pipelines(study: StudyFile) -> list[str]:
+    """The pipelines a trial can run: the `pipeline` choices when searched, else the study's own."""
+    param = study.search.params.get("pipeline")
+    return list(param.values) if param is not None else [study.pipeline]
+
+
+def sampled_keys(study: StudyFile, pipeline: str) -> list[str]:
+    """The searched keys a trial of `pipeline` samples (in the study file's order)."""
+    return [k for k in study.search.params if k == "pipeline" or uses_key(pipeline, k)]
+
+
+class ConditionalSpace:
+    """Ray's `OptunaSearch` define-by-run space: `pipeline` first, then each parameter that pipeline
+    uses. A plain class (not a closure) because Tune pickles the searcher into its experiment."""
+
+    def __init__(self, study: StudyFile):
+        self.study = study
+
+    def __call__(self, trial) -> None:
+        params = self.study.search.params
+        pipeline = self.study.pipeline
+        if "pipeline" in params:
+            pipeline = suggest(trial, "pipeline", params["pipeline"])
+        for key in sampled_keys(self.study, pipeline):
+            if key != "pipeline":
+                suggest(trial, key, params[key])
+        return None  # Tune takes the trial's sampled params
+
+
+def suggest(trial, key: str, p: SearchParam):
+    """Sample `key` through the trial's `suggest_*` methods (Ray's define-by-run captures those)."""
+    d = distribution(p)
+    if p.kind == "choice":
+        return trial.suggest_categorical(key, list(d.choices))
+    if p.kind == "int":
+        return trial.suggest_int(key, d.low, d.high)
+    return trial.suggest_float(key, d.low, d.high, log=d.log)
 
 
 def decode_point(study: StudyFile, point: dict) -> dict[str, Any]:
@@ -107,10 +154,15 @@ def apply_params(base: RunConfig, params: dict[str, Any], **updates: Any) -> Run
 
 
 def describe(study: StudyFile) -> list[str]:
-    """One line per searched parameter, for `--dry-run` and the report."""
+    """One line per searched parameter, then the keys each pipeline samples, for `--dry-run` and the
+    report."""
     lines = []
     for key, p in study.search.params.items():
         shown = (f"choice {json.dumps(p.values)}" if p.kind == "choice"
                  else f"{p.kind} [{p.low:g}, {p.high:g}]")
         lines.append(f"{key}: {shown} (default {json.dumps(p.default)})")
+    lines.append("sampled per pipeline (a parameter only where it has an effect):")
+    for pipeline in searched_pipelines(study):
+        keys = [k for k in sampled_keys(study, pipeline) if k != "pipeline"]
+        lines.append(f"  {pipeline}: {', '.join(keys) or 'nothing else'}")
     return lines

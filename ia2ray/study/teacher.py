@@ -39,8 +39,8 @@ def teacher_variants(base: RunConfig, study: StudyFile) -> list[RunConfig]:
     param = study.search.params.get("align.site")
     if param is not None and param.values:
         sites.update(param.values)
-    seeds = dict.fromkeys([base.data.seed, *(study.study.confirm.seeds if study.study.confirm.top_k or
-                                             study.study.confirm.baselines else [])])
+    seeds = dict.fromkeys([*study.study.search_seeds, *(study.study.confirm.seeds if study.study.confirm.top_k or
+                                                        study.study.confirm.baselines else [])])
     return [apply_params(base, {}, **{"data.seed": seed, "align.site": site, "task.ood": {}})  # OOD rows: not needed
             for seed in seeds for site in sorted(sites)]
 

@@ -17,13 +17,14 @@ import json
 import logging
 import re
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Iterator, Optional
 
 from ia2ray.config.schema import RunConfig, StudyFile
+from ia2ray.core.stats import mean_std
 from ia2ray.fileio import require_visible, write_json_atomic
 from ia2ray.mirror import local_copy, pull, push
 from ia2ray.study.space import apply_params, decode_point
@@ -56,48 +57,49 @@ def objectives(study: StudyFile, has_ece: bool) -> list[tuple[str, str]]:
     return [("val/acc", "max"), ("val/ece", "min")] if has_ece else [("val/acc", "max")]
 
 
-def objective_metrics(summary: dict, study: StudyFile) -> dict:
-    """The trial's final report: val metrics and the scalar objective acc - lambda * ECE."""
-    val = summary["val"]
-    acc, ece = val["acc"], val.get("ece")
-    out = {"val/acc": acc, "objective": acc - study.study.ece_weight * (ece or 0.0)}
-    if ece is not None:
-        out["val/ece"] = ece
-    for key in ("nll", "brier"):
-        if val.get(key) is not None:
-            out[f"val/{key}"] = val[key]
+def objective_metrics(summaries: list[dict], study: StudyFile) -> dict:
+    """A search trial's report from its runs' summaries, one per `study.search_seeds` subset: the mean
+    of each validation metric (`val/acc`, `val/ece`, `val/nll`, `val/brier`), its sample std
+    (`val/acc_std`, ...; 0 for one subset) and the scalar objective mean(acc) - lambda * mean(ECE)."""
+    out: dict = {}
+    for key in ("acc", "ece", "nll", "brier"):
+        values = [s["val"][key] for s in summaries if s["val"].get(key) is not None]
+        if len(values) == len(summaries):
+            out[f"val/{key}"], out[f"val/{key}_std"] = mean_std(values)
+    out["objective"] = out["val/acc"] - study.study.ece_weight * out.get("val/ece", 0.0)
     return out
 
 
-def run_dir(ctx: TrialContext, cfg: RunConfig) -> Path:
+def run_dir(ctx: TrialContext, name: str) -> Path:
     """`<study>/runs/<run name>/`: the run's summary, adapter, config and plots."""
-    return ctx.folder() / "runs" / cfg.name
+    return ctx.folder() / "runs" / name
 
 
 @contextmanager
-def run_folder(ctx: TrialContext, cfg: RunConfig) -> Iterator[Path]:
+def run_folder(ctx: TrialContext, name: str) -> Iterator[Path]:
     """The run's folder (`run_dir`). In a bucket study it is fetched first (a resumed trial may find
     its finished result there) and uploaded at the end, also when the trial fails (its MLflow pending
     file goes with it). Otherwise the study folder must be visible on this node."""
-    out = run_dir(ctx, cfg)
+    out = run_dir(ctx, name)
     if not ctx.remote:
         require_visible(Path(ctx.study_dir) / "study.json", "the study folder's")
         yield out
         return
-    pull(ctx.remote, f"runs/{cfg.name}")
+    pull(ctx.remote, f"runs/{name}")
     try:
         yield out
     finally:
-        push(ctx.remote, f"runs/{cfg.name}")
+        push(ctx.remote, f"runs/{name}")
 
 
 def run_and_save(cfg: RunConfig, out: Path, splits: tuple[str, ...], extra: dict, icl: bool = False,
-                 run: Optional[RunLog] = None, fingerprint: Optional[str] = None) -> dict:
+                 run: Optional[RunLog] = None, fingerprint: Optional[str] = None, prefix: str = "") -> dict:
     """Train and evaluate `cfg` (teacher from the cache only), or with `icl` evaluate only the ICL
     baseline; write summary.json (with the stage histories), answers.json and adapter/ into `out`
     (`run_dir`). The stage losses go to the MLflow `run` as they happen. With `train.num_workers >= 1`
     the Ray Train workers train and evaluate, and this process loads no weights; with 0 the trial
-    trains in its own process, which keeps the base model loaded for its actor's next trial."""
+    trains in its own process, which keeps the base model loaded for its actor's next trial. `prefix`:
+    where the MLflow run holds several runs (a search trial's subsets), their metric keys' prefix."""
     from ia2ray.core.pipeline import run_in_process, run_pipeline
     from ia2ray.core.rundata import prepare_data
     from ia2ray.core.teacher import cache_location
@@ -111,16 +113,16 @@ def run_and_save(cfg: RunConfig, out: Path, splits: tuple[str, ...], extra: dict
         if previous.get("config") == resolved:
             log.info("run %s already finished; reusing %s", cfg.name, done)
             return previous
-    on_log, runner = log_history(run), run_in_process
+    on_log, runner = log_history(run, prefix), run_in_process
     warm = cfg.train.num_workers == 0  # the trial trains in this process, with the CPUs and memory it reserved:
     if warm:  # as many torch threads as CPUs (Ray set OMP_NUM_THREADS from the request), and the base model
         import torch  # stays loaded in this Tune actor for its next trial (`load_model(keep=True)`)
 
         torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
-    else:  # the Train workers log the stage losses live (rank 0)
-        from ia2ray.train.ray_stages import run_with_ray
+    else:  # the Train workers log the stage losses live (rank 0), except one subset of several (`prefix`):
+        from ia2ray.train.ray_stages import run_with_ray  # `log_result` logs its history afterwards
 
-        runner, on_log = partial(run_with_ray, tracking=run.target() if run else None), None
+        runner, on_log = partial(run_with_ray, tracking=run.target() if run and not prefix else None), None
     outcome = run_pipeline(cfg, data=prepare_data(cfg), progress=False, runner=runner, splits=splits,
                            cached_teacher_only=True, on_log=on_log, keep_model=warm, icl_only=icl,
                            sync=bucket_sync(cache_location(cfg)), fingerprint=fingerprint)
@@ -147,22 +149,58 @@ def _node_id() -> Optional[str]:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
+def score_params(ctx: TrialContext, study: StudyFile, params: dict, key: str, phase: str, extra: dict) -> dict:
+    """Train and validate `params` on every `study.search_seeds` subset; returns the objective metrics
+    (`objective_metrics`). With one subset the run is named `key`; with several, `<key>-s<seed>`
+    each, and `runs/<key>/summary.json` holds the means. One MLflow run (key `key`) holds them all,
+    each subset's metrics and artifacts under `s<seed>/`, the means without a prefix."""
+    seeds = study.study.search_seeds
+    base = RunConfig.model_validate(ctx.base)
+    cfgs = [apply_params(base, params, name=key if len(seeds) == 1 else f"{key}-s{seed}",
+                         **{"data.seed": seed, "eval.icl_baseline": False, "task.ood": {}})  # no OOD in selection
+            for seed in seeds]
+    run = trial_run(ctx.tracking, key, cfgs[0], phase, {**extra, "search_seeds": " ".join(map(str, seeds))})
+    info = {**extra, "params": params, "phase": phase}
+    with run_folder(ctx, key) as top, running(run, top):
+        summaries = []
+        for seed, cfg in zip(seeds, cfgs):
+            prefix = "" if cfg.name == key else f"s{seed}/"
+            with nullcontext(top) if cfg.name == key else run_folder(ctx, cfg.name) as out:
+                summary = run_and_save(cfg, out, ("val",), info, run=run, fingerprint=ctx.fingerprint, prefix=prefix)
+                log_result(run, out, cfg, summary, ("val",), None if prefix else objective_metrics([summary], study),
+                           prefix=prefix)
+            summaries.append(summary)
+        metrics = objective_metrics(summaries, study)
+        if len(cfgs) > 1:
+            write_json_atomic(top / "summary.json", {**info, "seeds": list(seeds), "runs": [c.name for c in cfgs],
+                                                     "val": {k[len("val/"):]: v for k, v in metrics.items()
+                                                             if k.startswith("val/")}, "objective": metrics["objective"]})
+            if run:
+                run.log_metrics([(k, v, 0) for k, v in metrics.items()])
+    return metrics
+
+
 def search_trial(config: dict, ctx: TrialContext) -> None:
-    """Tune function trainable of the search."""
+    """Tune function trainable of the search: the sampled point, scored on every search subset."""
     from ray import tune
 
     study = StudyFile.model_validate(ctx.study)
     trial_id = tune.get_context().get_trial_id()
     params = decode_point(study, config)
-    cfg = apply_params(RunConfig.model_validate(ctx.base), params, name=f"trial-{trial_id}",
-                       **{"eval.icl_baseline": False, "task.ood": {}})  # selection never sees OOD targets
-    run = trial_run(ctx.tracking, trial_id, cfg, "search", {"trial_id": trial_id})
-    with run_folder(ctx, cfg) as out, running(run, out):
-        summary = run_and_save(cfg, out, ("val",), {"trial_id": trial_id, "params": params, "phase": "search"},
-                               run=run, fingerprint=ctx.fingerprint)
-        metrics = objective_metrics(summary, study)
-        log_result(run, out, cfg, summary, ("val",), metrics)
-    tune.report(metrics)
+    tune.report(score_params(ctx, study, params, f"trial-{trial_id}", "search", {"trial_id": trial_id}))
+
+
+def baseline_trial(config: dict, ctx: TrialContext) -> None:
+    """Tune function trainable of the baselines' tuning: one (method, learning rate), scored like a
+    search trial."""
+    from ray import tune
+
+    study = StudyFile.model_validate(ctx.study)
+    row = config["row"]
+    params = {"pipeline": row["method"], "lr.align": row["lr"], "lr.sft": row["lr"]}
+    key = f"baseline-{re.sub(r'[^A-Za-z0-9]+', '-', row['method']).strip('-')}-lr{row['lr']:g}"
+    metrics = score_params(ctx, study, params, key, "baseline", {"trial_id": tune.get_context().get_trial_id()})
+    tune.report({**metrics, "method": row["method"], "lr": row["lr"]})
 
 
 def run_name(label: str, seed: int) -> str:
@@ -183,9 +221,10 @@ def confirm_trial(config: dict, ctx: TrialContext) -> None:
 
     run = trial_run(ctx.tracking, cfg.name, cfg, "confirm", tags)
     evaluated = ("val", *(ood_split(name) for name in cfg.task.ood), "test")  # test last: its reliability plot
-    with run_folder(ctx, cfg) as out, running(run, out):
+    with run_folder(ctx, cfg.name) as out, running(run, out):
         summary = run_and_save(cfg, out, ("val", "test"), {"label": row["label"], "params": row["params"],
-                               "phase": "confirm"}, icl=row["icl"], run=run, fingerprint=ctx.fingerprint)
+                               "tuned": row.get("tuned", ""), "phase": "confirm"}, icl=row["icl"], run=run,
+                               fingerprint=ctx.fingerprint)
         log_result(run, out, cfg, summary, evaluated)
     tune.report({f"{split}/{key}": summary[split][key] for split in evaluated for key in ("acc", "ece")
                  if summary[split].get(key) is not None})

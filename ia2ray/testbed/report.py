@@ -27,7 +27,7 @@ from ia2ray.data.testbed import HELD_OUT
 
 LABEL_TASKS = tuple(name for name, task in HELD_OUT.items() if task.family == "map")
 TEXT_TASKS = tuple(name for name, task in HELD_OUT.items() if task.family != "map")
-VAL_SIZE = 64  # the library's default data.val_size: splits as a run with defaults would have them
+VAL_SIZE = 64  # validation rows per task in the calibration report (the library once defaulted to 64)
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class ReportSettings:
 
     ns: tuple[int, ...] = (2, 4, 8)
     seeds: tuple[int, ...] = (0, 1, 2)  # N-shot split seeds (data.seed)
-    test_size: int = 128  # test examples per task (the library's default data.test_size)
+    test_size: int = 128  # test examples per task
     draws: int = 5  # ICL demo draws per seed (the library's default eval.icl_draws)
     text_test_size: int = 64  # multi-token tasks decode: fewer examples
     text_draws: int = 2

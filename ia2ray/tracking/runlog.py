@@ -351,14 +351,15 @@ def replay_pending(files: list[Path]) -> tuple[list[str], set[str]]:
 def close_orphans(uri: str, experiment_id: str, parent_run_id: str, reason: str,
                   keep: frozenset[str] | set[str] = frozenset()) -> int:
     """Mark children of `parent_run_id` still RUNNING (their trials were killed and did not run again)
-    KILLED with `reason` as error tag, except the runs in `keep` (their ending is still buffered);
-    returns how many."""
+    KILLED, with `reason` as error tag and tag `ia2ray.superseded=true` (another run took the trial's
+    place), except the runs in `keep` (their ending is still buffered); returns how many."""
     client = _client(uri)
     runs = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}' and "
                               "attributes.status = 'RUNNING'", max_results=1000)
     runs = [r for r in runs if r.info.run_id not in keep]
     for run in runs:
         client.set_tag(run.info.run_id, tag("error"), reason)
+        client.set_tag(run.info.run_id, tag("superseded"), "true")
         client.set_terminated(run.info.run_id, "KILLED")
     return len(runs)
 
