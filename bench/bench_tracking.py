@@ -70,7 +70,7 @@ def main() -> None:
                 extra = ["--tracking-uri", uri] if uri else []
                 r = run_study(config, Path(tmp) / label, sets, extra)
                 result["studies"][label] = {k: r[k] for k in ("command", "process_wall_s", "phases_s", "trials",
-                                                              "mean_trial_wall_s")}
+                                                              "mean_run_wall_s")}
                 print(label, json.dumps(result["studies"][label]), flush=True)
             off = result["studies"]["off"]["phases_s"]["search"]
             for label in ("sqlite", "server"):

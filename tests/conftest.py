@@ -101,7 +101,10 @@ def s3_server(tmp_path_factory):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = tmp_path_factory.mktemp("s3") / "requests.log"
-    exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
+    # this interpreter's own moto first: another moto_server on PATH (another Python's) may be a version
+    # whose CompleteMultipartUpload answers pyarrow cannot read
+    own = Path(sys.executable).parent / "moto_server"
+    exe = str(own) if own.is_file() else shutil.which("moto_server")
     with open(log, "w") as out:
         proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

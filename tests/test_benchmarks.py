@@ -249,7 +249,7 @@ task: {{name: {source}, path: {train}, eval_path: {eval}, ood: {ood}}}
 data: {{n: 4, val_size: 8, test_size: 8, train_pool: 40, eval_pool: 20}}
 train: {{max_epochs: 1, num_workers: 0}}
 eval: {{icl_draws: 1, max_new_tokens: 8}}
-study: {{num_trials: 1, confirm: {{top_k: 1, seeds: [0], baselines: [icl]}}}}
+study: {{num_trials: 1, search_seeds: [0], confirm: {{top_k: 1, seeds: [0], baselines: [icl]}}}}
 search:
   params:
     lr.align: {{kind: loguniform, low: 1.0e-4, high: 1.0e-2, default: 1.0e-3}}

@@ -83,7 +83,7 @@ def test_cli_writes_summary_adapter_and_config(tmp_path):
     assert (tmp_path / "out" / "adapter" / "adapter_config.json").is_file()
     assert (tmp_path / "out" / "config.yaml").is_file()
     history = [json.loads(line) for line in (tmp_path / "out" / "history.jsonl").read_text().splitlines()]
-    assert {h["stage"] for h in history} == {"align", "sft"} and history[0] == {**history[0], "step": 0}
+    assert {h["stage"] for h in history} == {"align", "sft"} and history[0] == {**history[0], "step": 1}
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["test"] == s["test"]
 
 
@@ -136,12 +136,13 @@ def test_layer_weights_pair_with_the_layers_in_the_given_order(tmp_path):
 
 
 def test_ia2_then_sft_continues_on_the_aligned_adapter(tmp_path):
-    """The sft stage's step-0 dev loss is the CE of the adapter the align stage ended with."""
+    """The sft stage's step-0 dev loss (`train.keep_initial` checks it) is the CE of the adapter the
+    align stage ended with."""
     from ia2ray.core.objective import StageObjective
     from ia2ray.core.items import stage_items
     from ia2ray.core.stages import dev_loss
 
-    base = ["eval.icl_baseline=false"]
+    base = ["eval.icl_baseline=false", "train.keep_initial=true"]
     aligned = run_pipeline(_cfg(tmp_path, *base, "pipeline=ia2"), progress=False)
     data = prepare_data(_cfg(tmp_path))
     dev = stage_items(aligned.tokenizer, data.spec, data.splits.dev, "gold", None)

@@ -221,6 +221,6 @@ def test_sst2_to_fins_in_the_review_format_passes_the_smollm2_checks(smollm2_dir
     fins = prepared.base.task.ood["fins"]
     assert fins.path == str(DATA / "fins/sentences_50agree.jsonl") and fins.label_words["2"] == "positive"
     spec, rows = prepare_data(prepared.base).ood["fins"]
-    assert len(rows) == prepared.base.data.test_size == 200
+    assert len(rows) == 500  # data.test_size null: 500 rows where the pool holds them
     assert all(format_demo(spec, r).startswith("Review: ") for r in rows)
     assert {format_demo(spec, r).rsplit("\n", 1)[1] for r in rows} == {"Sentiment: negative", "Sentiment: positive"}

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -33,25 +34,42 @@ def start(cmd: list[str], log: Path) -> subprocess.Popen:
                             start_new_session=True)
 
 
+def caught(study: Path, moment: str):
+    """The trial run a kill at `moment` interrupts, once the study is there: `checkpoint`: a trial
+    has finished and another has a complete checkpoint but no result yet; `start`: a trial's Ray Train
+    run has started but has no checkpoint yet; `confirm`: a confirmation run has started."""
+    if moment == "confirm":
+        started = {p.name for p in study.glob("train/confirm-*") if p.is_dir()}
+        running = started - {p.parent.name for p in study.glob("runs/confirm-*/summary.json")}
+        return sorted(running)[0] if running else None
+    done = {p.parent.name for p in study.glob("runs/trial-*/summary.json")}
+    ckpts = [p.parent for p in study.glob("train/trial-*/ckpt-*/COMPLETE.json")]
+    finished = {c.parent.name for c in ckpts if c.name.endswith(("sft-end", "eval-end"))}  # trained (and evaluated)
+    if moment == "checkpoint":
+        running = {c.parent.name for c in ckpts} - done - finished
+        return sorted(running)[0] if done and running else None
+    started = {p.name for p in study.glob("train/trial-*") if p.is_dir()} - {c.parent.name for c in ckpts} - done
+    return sorted(started)[0] if started else None
+
+
 @pytest.mark.cluster
-def test_smoke_study_killed_mid_search_then_resumed(tmp_path, tiny_checkpoints, mlflow_server):
+@pytest.mark.parametrize("moment", ["checkpoint", "start", "confirm"])
+def test_smoke_study_killed_mid_search_then_resumed(tmp_path, tiny_checkpoints, mlflow_server, moment):
+    """Killed at a `moment` of a search trial (`caught`), then resumed: the record is exact either way.
+    A trial killed after its first checkpoint is restored by Tune and resumes its Train run. One killed
+    before that may have started after Tune's last experiment snapshot: Tune then runs another trial in
+    its place, and the killed one is closed as FAIL in Optuna and KILLED + superseded in MLflow. A
+    confirmation run killed midway runs again under its own name and continues its MLflow run."""
     tiny_checkpoints("llama")  # built once for the session (builtin:tiny-llama)
     storage = tmp_path / "studies"
     study = storage / "smoke"
     proc = start(tune_command(storage, "--tracking-uri", mlflow_server), tmp_path / "first.log")
-    # kill once a trial has finished and another has a complete checkpoint but no result yet
     deadline, killed_run = time.time() + 400, None
-    while time.time() < deadline and proc.poll() is None:
-        done = {p.parent.name for p in study.glob("runs/trial-*/summary.json")}
-        ckpts = [p.parent for p in study.glob("train/trial-*/ckpt-*/COMPLETE.json")]
-        finished = {c.parent.name for c in ckpts if c.name.endswith(("sft-end", "eval-end"))}  # trained (and evaluated)
-        running = {c.parent.name for c in ckpts} - done - finished
-        if done and running:
-            killed_run = sorted(running)[0]
-            break
-        time.sleep(0.1)
+    while time.time() < deadline and proc.poll() is None and killed_run is None:
+        killed_run = caught(study, moment)
+        time.sleep(0.05)
     assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-    assert killed_run, "no trial was caught between a checkpoint and its result"
+    assert killed_run, f"no trial was caught at moment {moment!r}"
     # the whole local cluster goes with the driver: its Ray processes (and so the Train workers, which
     # would otherwise finish a run this small before they notice) are killed at the same moment
     import psutil
@@ -64,9 +82,9 @@ def test_smoke_study_killed_mid_search_then_resumed(tmp_path, tiny_checkpoints, 
         except psutil.NoSuchProcess:
             pass
     proc.wait()
-    # the Train worker (rank 0) logged the interrupted trial's stage losses live, before any result
-    live = live_metrics(mlflow_server, study, killed_run)
-    assert any(k.startswith("align/") for k in live), live
+    if moment == "checkpoint":  # the Train worker (rank 0) logged the interrupted trial's stage losses live
+        live = live_metrics(mlflow_server, study, killed_run)
+        assert any(k.startswith("align/") for k in live), live
     finished_before = {p.parent.name: p.stat().st_mtime_ns for p in study.glob("runs/trial-*/summary.json")}
     time.sleep(2)
 
@@ -77,15 +95,22 @@ def test_smoke_study_killed_mid_search_then_resumed(tmp_path, tiny_checkpoints, 
     # finished trials were kept (not run again), the interrupted one resumed from its checkpoint
     for name, mtime in finished_before.items():
         assert (study / "runs" / name / "summary.json").stat().st_mtime_ns == mtime
-    assert f"/train/{killed_run}/ckpt-" in log and "resuming from" in log
-    # exactly the budgeted trials, each with one run; Optuna kept its history across the restart
+    trial_runs = sorted(p.parent.name for p in study.glob("runs/trial-*/summary.json"))
+    superseded = moment != "confirm" and killed_run not in trial_runs
+    if moment == "confirm":
+        assert (study / "runs" / killed_run / "summary.json").is_file()
+    if moment == "checkpoint":
+        assert f"/train/{killed_run}/ckpt-" in log and "resuming from" in log and not superseded
+    # exactly the budgeted trials completed, each with one run; Optuna kept its history across the
+    # restart, and a trial Tune did not restore is closed as FAIL, not left RUNNING
     import optuna
 
     ot = optuna.load_study(study_name="smoke", storage=f"sqlite:///{study / 'optuna.db'}")
     complete = [t for t in ot.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len(complete) == 3 and len(ot.trials) == 3
-    trial_runs = sorted(p.parent.name for p in study.glob("runs/trial-*/summary.json"))
-    assert len(trial_runs) == 3 and killed_run in trial_runs
+    closed = [t for t in ot.trials if t.state != optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 3 and len(closed) == int(superseded)
+    assert all(t.state == optuna.trial.TrialState.FAIL and "ia2ray_interrupted" in t.user_attrs for t in closed)
+    assert len(trial_runs) == 3
     # selection never looked at the test split
     for name in trial_runs:
         summary = json.loads((study / "runs" / name / "summary.json").read_text())
@@ -109,7 +134,7 @@ def test_smoke_study_killed_mid_search_then_resumed(tmp_path, tiny_checkpoints, 
     for png in ("pareto.png", "reliability.png"):
         assert (study / png).read_bytes()[:4] == b"\x89PNG"
     assert "report: " + str(study / "report.md") in log and "| ICL | 0 |" in log
-    check_mlflow(mlflow_server, study, killed_run)
+    check_mlflow(mlflow_server, study, killed_run if superseded else None)
 
 
 def live_metrics(url: str, study: Path, run_name: str) -> dict:
@@ -120,15 +145,20 @@ def live_metrics(url: str, study: Path, run_name: str) -> dict:
     return run.data.metrics
 
 
-def check_mlflow(url: str, study: Path, killed_run: str) -> None:
-    """One parent run, one nested run per trial (the killed trial's run continued, not doubled), none
-    left RUNNING; params, per-step metrics once per step, final metrics, tags and artifacts."""
+def check_mlflow(url: str, study: Path, superseded: Optional[str]) -> None:
+    """One parent run, one nested run per trial (a killed trial's run continued, not doubled), none
+    left RUNNING; params, per-step metrics once per step, final metrics, tags and artifacts. The run
+    of a `superseded` trial (not restored by Tune) is KILLED and tagged so."""
     from mlflow import MlflowClient
 
     from ia2ray.study.records import study_runs
 
     client = MlflowClient(url)
     runs = study_runs(url, study)
+    killed = [r for r in runs if r.info.status != "FINISHED"]
+    assert [r.info.run_name for r in killed] == ([superseded] if superseded else [])
+    assert all(r.info.status == "KILLED" and r.data.tags["ia2ray.superseded"] == "true" for r in killed)
+    runs = [r for r in runs if r.info.status == "FINISHED"]
     (parent,) = [r for r in runs if r.data.tags.get("ia2ray.role") == "study"]
     children = [r for r in runs if r is not parent]
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children)

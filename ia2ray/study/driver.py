@@ -25,7 +25,7 @@ from ia2ray.mirror import check_remote, is_remote, join, local_copy, pull, push,
 from ia2ray.mirror import exists as exists_remote
 from ia2ray.study.cluster import check_cluster, cluster_shape
 from ia2ray.study.plan import TrialPlan, plan_trials
-from ia2ray.study.space import candidates, check_space, describe
+from ia2ray.study.space import candidates, check_space, describe, describe_conditions
 from ia2ray.study.trial import TrialContext, objectives
 from ia2ray.tracking import close_orphans, replay_pending, resolve_uri
 from ia2ray.tracking.runlog import PENDING_FILE
@@ -216,7 +216,7 @@ def dry_run_lines(p: PreparedStudy, plan: TrialPlan, cluster_note: str) -> list[
     if p.remote:
         lines.append(f"local copy: {p.study_dir}")
     lines.append("search space:")
-    lines += [f"  {line}" for line in describe(p.study)]
+    lines += [f"  {line}" for line in [*describe(p.study), *describe_conditions(p.study)]]
     metrics = [f"{m} ({d})" for m, d in objectives(p.study, p.has_ece)]
     lines += [f"objective: {', '.join(metrics)} (ECE {p.base.eval.ece_scheme}, {p.base.eval.ece_bins} bins)",
               f"trials: {s.num_trials} (sampler {s.sampler}{SAMPLER_NOTES.get(s.sampler, '')}, seed {s.seed}), each "

@@ -154,14 +154,19 @@ def apply_params(base: RunConfig, params: dict[str, Any], **updates: Any) -> Run
 
 
 def describe(study: StudyFile) -> list[str]:
-    """One line per searched parameter, then the keys each pipeline samples, for `--dry-run` and the
-    report."""
+    """One line per searched parameter, `<key>: <distribution> (default ...)`, for `--dry-run`, the
+    report and the study's MLflow params."""
     lines = []
     for key, p in study.search.params.items():
         shown = (f"choice {json.dumps(p.values)}" if p.kind == "choice"
                  else f"{p.kind} [{p.low:g}, {p.high:g}]")
         lines.append(f"{key}: {shown} (default {json.dumps(p.default)})")
-    lines.append("sampled per pipeline (a parameter only where it has an effect):")
+    return lines
+
+
+def describe_conditions(study: StudyFile) -> list[str]:
+    """The keys each pipeline samples, for `--dry-run`."""
+    lines = ["sampled per pipeline (a parameter only where it has an effect):"]
     for pipeline in searched_pipelines(study):
         keys = [k for k in sampled_keys(study, pipeline) if k != "pipeline"]
         lines.append(f"  {pipeline}: {', '.join(keys) or 'nothing else'}")
