@@ -416,7 +416,7 @@ class StudyConfig(Section):
         [0, 1, 2], min_length=1, description="`data.seed` values (N-shot subsets) every search trial trains and "
         "validates on: the trial reports the mean (and std) of each validation metric over them, and the objective "
         "uses the means, so a config is not picked for one lucky subset. The teacher is captured once per subset "
-        "and site.")
+        "and site. A study's runs take their subsets from here and from `study.confirm.seeds`, not from `data.seed`.")
 
     @field_validator("search_seeds")
     @classmethod
