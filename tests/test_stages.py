@@ -102,15 +102,21 @@ def test_early_stopping_counts_checks_without_improvement():
     assert stop.best_state == {"id": 1}  # snapshot taken at each improvement only
 
 
-def test_stage_stops_early_when_dev_loss_stalls_and_keeps_the_best(llama):
+@pytest.mark.parametrize("keep_initial, steps, best_step", [(True, 2, 0), (False, 3, 1)])
+def test_stage_stops_early_when_dev_loss_stalls_and_keeps_the_best(llama, keep_initial, steps, best_step):
+    """lr = 0 on a tiny Llama: the dev loss is the same at every check, so the first check stays best
+    and patience (2 checks) ends the stage: with `keep_initial` the check before step 1 is the first,
+    without it (the paper's reference) the check after step 1."""
     model, tok = llama
     items = _items(model, tok, n=2)
     with adapter(model, LoraConfig(rank=2)) as peft:
-        # lr = 0: the dev loss never improves on step 0, so patience (2 checks) ends the stage at step 2
-        settings = StageSettings(lr=0.0, batch_size=1, max_epochs=50, patience=2, eval_every=1, keep_initial=True)
+        settings = StageSettings(lr=0.0, batch_size=1, max_epochs=50, patience=2, eval_every=1,
+                                 keep_initial=keep_initial)
         before = trainable_state(peft)
         result = train_stage(peft, "sft", items, items, StageObjective("sft"), settings, tok.pad_token_id, "cpu")
-        assert (result.stopped_early, result.steps, result.best_step, result.epochs) == (True, 2, 0, 1)
+        assert (result.stopped_early, result.steps, result.best_step, result.epochs) == (True, steps, best_step, 2 if steps > 2 else 1)
+        dev = [h["dev_loss"] for h in result.history if "dev_loss" in h]
+        assert len(dev) == 3 and dev[0] == pytest.approx(dev[-1], rel=1e-6)
         after = trainable_state(peft)
         assert all(torch.equal(before[k], after[k]) for k in before)
 
