@@ -164,9 +164,9 @@ def stage_loop(
     after_step: Optional[Callable[[LoopState, dict, bool], None]] = None,
 ) -> LoopState:
     """The stage loop: epochs of seeded shuffled batches, a dev check every `eval_every` steps and at
-    each epoch end (and once before the first step), early stopping after `patience` checks without
-    improvement; with `settings.keep_initial` also once before the first step. `state` resumes a stage mid-way (the shuffles of skipped epochs are drawn again, so
-    the batches are the same). Hooks: `on_record(entry)` after each history entry; `after_check(state,
+    each epoch end (with `settings.keep_initial` also once before the first step), early stopping after
+    `patience` checks without improvement. `state` resumes a stage mid-way (the shuffles of skipped
+    epochs are drawn again, so the batches are the same). Hooks: `on_record(entry)` after each history entry; `after_check(state,
     entry)` after the first check; `after_step(state, entry, checked)` after each step that did not
     stop the stage. The best adapter is `state.stopper.best_state`; the engine keeps the last one."""
     fresh = state is None

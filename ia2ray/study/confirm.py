@@ -60,20 +60,10 @@ def tuned_note(study: StudyFile, method: str, chosen: Optional[dict]) -> str:
 
 def run_baselines(study: StudyFile, ctx: TrialContext, plan: TrialPlan, resume: bool, has_ece: bool):
     """Tune the baselines' learning rates; returns (method -> chosen, errors)."""
-    from ray import tune
-
     grid = baseline_grid(study)
     if not grid:
         return {}, []
-    root = ctx.remote or ctx.study_dir
-    trainable = tune.with_resources(tune.with_parameters(baseline_trial, ctx=ctx), plan.pg_factory())
-    results = fit_experiment(f"{root}/baselines", trainable, resume, lambda: tune.Tuner(
-        trainable, param_space={"row": tune.grid_search(grid)},
-        tune_config=tune.TuneConfig(max_concurrent_trials=plan.concurrency, reuse_actors=True,
-                                    trial_dirname_creator=baseline_dirname),
-        run_config=tune.RunConfig(name="baselines", storage_path=root, verbose=1,
-                                  failure_config=tune.FailureConfig(max_failures=0)),
-    ))
+    results = run_grid("baselines", baseline_trial, baseline_dirname, grid, ctx, plan, resume)
     metric_keys = [m for m, _ in objectives(study, has_ece)]
     done = [{"method": r.config["row"]["method"], "lr": r.config["row"]["lr"], "metrics": r.metrics}
             for r in results if not r.error and all(m in (r.metrics or {}) for m in metric_keys)]
@@ -114,14 +104,20 @@ def confirm_dirname(trial) -> str:
 
 
 def run_confirm(rows: list[dict], ctx: TrialContext, plan: TrialPlan, resume: bool):
+    return run_grid("confirm", confirm_trial, confirm_dirname, rows, ctx, plan, resume)
+
+
+def run_grid(name: str, fn, dirname, rows: list[dict], ctx: TrialContext, plan: TrialPlan, resume: bool):
+    """Run (or resume) the Tune experiment `<study>/<name>`: the function trainable `fn` once per row
+    (`config["row"]`), with the trials' resources and concurrency; returns Tune's ResultGrid."""
     from ray import tune
 
     root = ctx.remote or ctx.study_dir  # Tune keeps its experiment in the bucket itself
-    trainable = tune.with_resources(tune.with_parameters(confirm_trial, ctx=ctx), plan.pg_factory())
-    return fit_experiment(f"{root}/confirm", trainable, resume, lambda: tune.Tuner(
+    trainable = tune.with_resources(tune.with_parameters(fn, ctx=ctx), plan.pg_factory())
+    return fit_experiment(f"{root}/{name}", trainable, resume, lambda: tune.Tuner(
         trainable, param_space={"row": tune.grid_search(rows)},
         tune_config=tune.TuneConfig(max_concurrent_trials=plan.concurrency, reuse_actors=True,
-                                    trial_dirname_creator=confirm_dirname),
-        run_config=tune.RunConfig(name="confirm", storage_path=root, verbose=1,
+                                    trial_dirname_creator=dirname),
+        run_config=tune.RunConfig(name=name, storage_path=root, verbose=1,
                                   failure_config=tune.FailureConfig(max_failures=0)),
     ))
