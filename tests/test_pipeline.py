@@ -34,7 +34,7 @@ def test_every_pipeline_runs_and_reports_val_and_test(tmp_path, pipeline):
 
 
 def test_teacher_is_captured_once_per_key_and_reused(tmp_path, caplog):
-    cfg = _cfg(tmp_path, "pipeline=ia2", "eval.icl_baseline=false")
+    cfg = _cfg(tmp_path, "pipeline=ia2", "eval.icl_baseline=false", "eval.similarity=false")
     with caplog.at_level("INFO", logger="ia2ray.core.teacher"):
         first = run_pipeline(cfg, progress=False).summary
         second = run_pipeline(cfg, progress=False).summary
@@ -42,7 +42,7 @@ def test_teacher_is_captured_once_per_key_and_reused(tmp_path, caplog):
     assert len(msgs) == 2 and "computed" in msgs[0] and "cache hit" in msgs[1]
     assert first["val"] == second["val"] and first["stages"] == second["stages"]
     # a different N-shot seed is a different key
-    run_pipeline(_cfg(tmp_path, "pipeline=ia2", "eval.icl_baseline=false", "data.seed=1"), progress=False)
+    run_pipeline(_cfg(tmp_path, "pipeline=ia2", "eval.icl_baseline=false", "data.seed=1", "eval.similarity=false"), progress=False)
     assert len(list((tmp_path / "cache").iterdir())) == 2
 
 

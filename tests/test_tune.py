@@ -322,6 +322,62 @@ def test_seed_robust_search_and_tuned_baselines_compare_paired(ray_cluster, tmp_
     assert parent.data.tags["ia2ray.verdict.best-1.vs_sft.acc"] == expected.verdict
 
 
+def test_a_study_with_every_pipeline_reports_similarity_and_overlap(ray_cluster, tmp_path):
+    """Every pipeline in the space and every trained one confirmed (kd and sft->ia2 included): each run
+    measures activation similarity (logged per layer), the report draws the similarity curves and the
+    LoRA overlap heatmap and puts both into the study's MLflow run. In-process trials, SQLite MLflow."""
+    from mlflow import MlflowClient
+
+    from ia2ray.config.schema import PIPELINES
+    from ia2ray.core.overlap import adapter_overlap, load_lora_b
+    from ia2ray.study.records import study_runs
+    from ia2ray.tune import main
+
+    storage = tmp_path / "studies"
+    methods = [p for p in PIPELINES if p not in ("ia2+sft", "sft-icl")]
+    sets = ["train.num_workers=0", "study.num_trials=2", "study.sampler=random",
+            f"study.confirm.baselines=[icl, {', '.join(methods)}]",
+            f"search.params={{pipeline: {{kind: choice, values: [{', '.join(PIPELINES)}], default: ia2->sft}}, "
+            "lr.align: {kind: loguniform, low: 1.0e-3, high: 1.0e-2, default: 1.0e-3}}"]
+    assert main(["--config", str(SMOKE), "--storage", str(storage), *[a for s in sets for a in ("--set", s)]]) == 0
+    study = storage / "smoke"
+    runs = {p.parent.name: json.loads(p.read_text()) for p in (study / "runs").glob("*/summary.json")}
+    confirmed = {s["label"]: s for s in runs.values() if s["phase"] == "confirm"}
+    assert {"KD", "SFT -> IA2", "ICL"} <= set(confirmed) and len(confirmed) == len(methods) + 2
+    assert [st["name"] for st in confirmed["SFT -> IA2"]["stages"]] == ["sft", "align"]
+    assert [st["name"] for st in confirmed["KD"]["stages"]] == ["kd"]
+    for s in runs.values():
+        assert len(s["sim"]["layers"]) == 4 and s["sim"]["rows"] == 8, s["name"]
+
+    # the report: similarity per method (the ICL row is the base model) and the overlap matrix
+    report = (study / "report.md").read_text()
+    assert "## Activation similarity to the ICL teacher" in report and "| base (no adapter) | 1 |" in report
+    assert "## LoRA subspace overlap" in report
+    for name in ("similarity.png", "overlap.png", "similarity.csv", "overlap.csv"):
+        assert (study / name).stat().st_size > 0, name
+    with open(study / "similarity.csv") as fh:
+        sims = {(r["method"], int(r["layer"])): float(r["similarity_mean"]) for r in csv.DictReader(fh)}
+    assert sims[("KD", 2)] == pytest.approx(confirmed["KD"]["sim"]["layers"][2], abs=1e-6)
+    with open(study / "overlap.csv") as fh:
+        pairs = {(r["method_a"], r["method_b"]): float(r["overlap_mean"]) for r in csv.DictReader(fh)}
+    adapter = lambda label: load_lora_b(study / "runs" / confirmed[label]["name"] / "adapter")  # noqa: E731
+    assert pairs[("SFT only", "IA2 only")] == pytest.approx(
+        adapter_overlap(adapter("SFT only"), adapter("IA2 only"))["mean"], abs=1e-6)
+    assert pairs[("KD", "KD")] == pytest.approx(1.0, abs=1e-6)
+
+    # MLflow: every trial run has sim/mean and one key per layer; the study run the figures
+    uri = f"sqlite:///{storage / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    for run in study_runs(uri, study, "tags.`ia2ray.phase` = 'confirm'"):
+        m = run.data.metrics
+        assert {"sim/mean", "sim/layer_0", "sim/layer_3"} <= set(m)
+        assert [h.step for h in client.get_metric_history(run.info.run_id, "sim/by_layer")] == [0, 1, 2, 3]
+    (parent,) = study_runs(uri, study, "tags.`ia2ray.role` = 'study'")
+    names = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"similarity.png", "overlap.png", "overlap.csv"} <= names
+    assert "KD/sim/mean" in client.get_run(parent.info.run_id).data.metrics
+
+
 def json_study(study_dir: Path):
     from ia2ray.config.schema import StudyFile
 

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_serializer, model_validator
 
-PIPELINES = ("sft", "ia2", "ia2->sft", "ia2+sft", "sft-icl")
+PIPELINES = ("sft", "ia2", "ia2->sft", "ia2+sft", "sft-icl", "kd", "sft->ia2")
 LAYER_SPEC = re.compile(r"^(all|band:\d+:\d+|every:\d+(:\d+)?)$")
 
 
@@ -292,6 +292,11 @@ class CaptureConfig(Section):
         "A bucket URI (`s3://`, `gs://`) works too: entries are uploaded when captured and fetched into this node's "
         "copy (`$IA2RAY_MIRROR`) on first use."
     )
+    kd_top_k: int = Field(
+        64, ge=1, description="The teacher's output distribution kept per response token for the `kd` pipeline: its k "
+        "most likely tokens' log-probabilities (a k at least the vocabulary size keeps all of it). The KD loss "
+        "renormalises teacher and student over those k tokens.",
+    )
 
 
 class EvalConfig(Section):
@@ -307,6 +312,15 @@ class EvalConfig(Section):
     icl_draws: int = Field(5, ge=1, description="Demo draws averaged for the ICL baseline (paper: 5).")
     max_new_tokens: Optional[int] = Field(
         None, ge=1, description="Decoding budget for multi-token tasks (default: the task's)."
+    )
+    similarity: bool = Field(
+        True, description="Measure activation similarity after training: token-wise cosine between the model's "
+        "activations on validation queries without demos and the base model's with N-1 demos (the teacher, captured "
+        "once per subset), at `align.site`, per layer (`sim/mean`, `sim/layer_<k>`). An ICL-only run measures the base "
+        "model's.",
+    )
+    similarity_rows: Optional[int] = Field(
+        64, ge=1, description="Validation rows the similarity is measured on (the first ones; null: all of them).",
     )
 
 
@@ -387,10 +401,10 @@ class ConfirmConfig(Section):
     top_k: int = Field(3, ge=0, description="Pareto-optimal configs (or best by the scalar objective) to confirm.")
     seeds: list[int] = Field([0, 1, 2], min_length=1, description="`data.seed` values (N-shot subsets) of the "
                              "confirmation runs; mean and std over them go into the report (paper: 5 seeds).")
-    baselines: list[Literal["icl", "sft", "ia2", "ia2->sft"]] = Field(
-        list(BASELINES), description="Baselines confirmed next to the found configs: ICL (N-1 demos, no training), "
-        "SFT only, IA2 only, IA2 -> SFT; each trained one has its learning rate tuned first (`baseline_lrs`), every "
-        "other searched parameter at its default.",
+    baselines: list[Literal["icl", "sft", "ia2", "ia2->sft", "ia2+sft", "sft-icl", "kd", "sft->ia2"]] = Field(
+        list(BASELINES), description="Baselines confirmed next to the found configs: ICL (N-1 demos, no training) and "
+        "any pipeline at its defaults (by default SFT only, IA2 only, IA2 -> SFT); each trained one has its learning "
+        "rate tuned first (`baseline_lrs`), every other searched parameter at its default.",
     )
     baseline_lrs: list[float] = Field(
         [1e-4, 3e-4, 1e-3], description="The grid each trained baseline's learning rate is chosen from before "

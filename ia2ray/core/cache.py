@@ -4,8 +4,9 @@ An entry is a directory ``<root>/<key>/`` holding ``manifest.json`` and safetens
 ``shard-00000.safetensors``, ... Each shard stores a run of consecutive records as
 ``token_ids`` (int64, concatenated), ``offsets`` (int64, record boundaries, ``k + 1`` values) and,
 when the records carry activations, ``activations`` ``[L, sum G, d]`` in the storage dtype
-(``meta["dtype"]``, default bfloat16). The manifest records the format version, the caller's meta,
-record count, every record's G, L, d, the dtype, and every shard's name, byte size and sha256.
+(``meta["dtype"]``, default bfloat16), and, when the records carry the teacher's output distribution,
+``top_ids`` (int32) and ``top_logp`` (float32) ``[sum G, k]``. The manifest records the format version, the caller's meta,
+record count, every record's G, L, d, the dtype, k (``top_k``, 0: none), and every shard's name, byte size and sha256.
 
 Entries appear atomically: they are written to ``<root>/.tmp-<key>-<pid>-<rand>/`` and renamed into
 place, so an entry directory exists only when complete; ``load`` still verifies every byte.
@@ -235,8 +236,17 @@ def _describe(records: list[Generated], dtype_name: str, meta: dict[str, Any]) -
         if r.activations is not None and tuple(r.activations.shape) != want:
             got = tuple(r.activations.shape)
             raise ValueError(f"record {i}: activations shape {got}, expected {want} = [L, G, d]")
+    has_top = [r.top_logp is not None for r in records]
+    if any(has_top) and not all(has_top):
+        raise ValueError("records mix top_logp=None with tensors; all or none must have them")
+    top_k = int(records[0].top_logp.shape[-1]) if records and has_top[0] else 0
+    for i, r in enumerate(records):
+        want = (r.token_ids.numel(), top_k)
+        if top_k and (tuple(r.top_logp.shape) != want or r.top_ids is None or tuple(r.top_ids.shape) != want):
+            raise ValueError(f"record {i}: top_logp / top_ids must both be {want} = [G, k]")
     return {
         "format_version": FORMAT_VERSION,
+        "top_k": top_k,
         "meta": json.loads(json.dumps(meta)),  # fails early if meta is not JSON-serializable
         "num_records": len(records),
         "lengths": [int(r.token_ids.numel()) for r in records],
@@ -296,6 +306,9 @@ def _write_shard(path: Path, group: list[Generated], dtype: torch.dtype) -> dict
         "token_ids": torch.cat([r.token_ids.detach().to("cpu", torch.int64) for r in group]),
         "offsets": _offsets([r.token_ids.numel() for r in group]),
     }
+    if group[0].top_logp is not None:
+        tensors["top_ids"] = torch.cat([r.top_ids.detach().to("cpu", torch.int32) for r in group]).contiguous()
+        tensors["top_logp"] = torch.cat([r.top_logp.detach().to("cpu", torch.float32) for r in group]).contiguous()
     if group[0].activations is not None:
         tensors["activations"] = torch.cat(
             [r.activations.detach().to("cpu", dtype) for r in group], dim=1
@@ -337,10 +350,17 @@ def _read_shard(
         ok = ok and acts.dtype == DTYPES[manifest["dtype"]]
     elif acts is not None:
         ok = False
+    k = manifest.get("top_k", 0)
+    top_ids, top_logp = tensors.get("top_ids"), tensors.get("top_logp")
+    if k:
+        ok = ok and all(t is not None and tuple(t.shape) == (total, k) for t in (top_ids, top_logp))
+    elif top_ids is not None or top_logp is not None:
+        ok = False
     if not ok:
         raise CacheError(f"{path}: tensor shapes or record lengths disagree with the manifest")
     out = []
     for s, e in zip(offsets[:-1].tolist(), offsets[1:].tolist()):
         act = None if acts is None else acts[:, s:e].to(torch.float32, copy=True).contiguous()
-        out.append(Generated(token_ids=token_ids[s:e].clone(), activations=act))
+        top = (None, None) if not k else (top_ids[s:e].clone(), top_logp[s:e].clone())
+        out.append(Generated(token_ids=token_ids[s:e].clone(), activations=act, top_ids=top[0], top_logp=top[1]))
     return out

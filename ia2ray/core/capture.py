@@ -34,15 +34,17 @@ def capture_icl_activations(
     stop_strings: Sequence[str] = (),
     layers: list[int] | None = None,
     progress: bool = False,
+    top_k: int | None = None,
 ) -> list[Generated]:
-    """Greedy responses and their activations [L, G_i, d] (fp32, CPU) for every prompt.
+    """Greedy responses and their activations [L, G_i, d] (fp32, CPU) for every prompt; with `top_k`
+    also the teacher's top-k log-probabilities at each response position (for soft-label KD).
 
     `progress=True` shows a rich progress bar over prompts.
     """
     if not progress:
         return greedy_generate(
             model, tokenizer, prompts, max_new_tokens, stop_strings=stop_strings,
-            batch_size=batch_size, site=site, layers=layers,
+            batch_size=batch_size, site=site, layers=layers, top_k=top_k,
         )
     from rich.progress import Progress
 
@@ -50,7 +52,7 @@ def capture_icl_activations(
         task = bar.add_task(f"capturing {site} activations", total=len(prompts))
         return greedy_generate(
             model, tokenizer, prompts, max_new_tokens, stop_strings=stop_strings,
-            batch_size=batch_size, site=site, layers=layers,
+            batch_size=batch_size, site=site, layers=layers, top_k=top_k,
             progress=lambda n_done: bar.update(task, completed=n_done),
         )
 

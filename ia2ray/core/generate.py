@@ -21,13 +21,17 @@ from ia2ray.core.sites import SITES, ActivationRecorder, base_model
 
 @dataclass
 class Generated:
-    """One greedy continuation: token ids (G,) and, if recorded, activations [L, G, d] (fp32, CPU).
+    """One greedy continuation: token ids (G,) and, if recorded, activations [L, G, d] (fp32, CPU) and the
+    output distribution at each generated position as its top-k log-probabilities (`top_logp` [G, k] fp32,
+    their token ids `top_ids` [G, k]; k = the whole vocabulary when it is smaller than the k asked for).
 
     Unpacks as a tuple: `token_ids, activations = generated`.
     """
 
     token_ids: torch.LongTensor
     activations: torch.Tensor | None = None
+    top_ids: torch.Tensor | None = None
+    top_logp: torch.Tensor | None = None
 
     def __iter__(self):
         return iter((self.token_ids, self.activations))
@@ -118,8 +122,10 @@ def greedy_generate(
     site: str | None = None,
     layers: list[int] | None = None,
     progress: Callable[[int], None] | None = None,
+    top_k: int | None = None,
 ) -> list[Generated]:
     """Greedy-decode every prompt; see the module docstring. Results are in `prompts` order.
+    With `top_k`, each step's top-k log-probabilities are kept too (`Generated.top_logp`).
 
     A sequence stops after emitting EOS (kept), once its decoded generated text contains a stop
     string (the completing token kept), or after `max_new_tokens`. Prompts are batched in order of
@@ -145,7 +151,7 @@ def greedy_generate(
                 batch = order[start : start + batch_size]
                 outputs = _generate_batch(
                     model, tokenizer, [encoded[i] for i in batch], max_new_tokens, stop_strings,
-                    recorder if site is not None else None,
+                    recorder if site is not None else None, top_k,
                 )
                 for i, generated in zip(batch, outputs):
                     results[i] = generated
@@ -163,6 +169,7 @@ def _generate_batch(
     max_new_tokens: int,
     stop_strings: Sequence[str],
     recorder: ActivationRecorder | None,
+    top_k: int | None = None,
 ) -> list[Generated]:
     """Decode one batch of tokenized prompts; returns one Generated per prompt."""
     device = next(model.parameters()).device
@@ -177,6 +184,7 @@ def _generate_batch(
     tokens: list[list[int]] = [[] for _ in range(rows)]
     done = [False] * rows
     step_activations: list[torch.Tensor] = []  # per step: [L, rows, d] on device
+    step_top: list[tuple[torch.Tensor, torch.Tensor]] = []  # per step: ([rows, k] ids, [rows, k] log-probs)
     for _ in range(max_new_tokens):
         out = model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -185,6 +193,10 @@ def _generate_batch(
         next_tokens = out.logits[:, -1].argmax(-1)
         if recorder is not None:
             step_activations.append(recorder.stack()[:, :, -1])
+        if top_k is not None:
+            logp = out.logits[:, -1].float().log_softmax(-1)
+            values, ids = logp.topk(min(top_k, logp.shape[-1]), dim=-1)
+            step_top.append((ids.to(torch.int32), values))
         for r, token in enumerate(next_tokens.tolist()):
             if done[r]:
                 continue  # finished rows are fed pad tokens; their outputs are ignored
@@ -199,10 +211,14 @@ def _generate_batch(
         position_ids = position_ids[:, -1:] + 1
 
     activations = torch.stack(step_activations, dim=2).float().cpu() if step_activations else None
+    top_ids = torch.stack([i for i, _ in step_top], dim=1).cpu() if step_top else None  # [rows, steps, k]
+    top_logp = torch.stack([v for _, v in step_top], dim=1).cpu() if step_top else None
     return [
         Generated(
             token_ids=torch.tensor(tokens[r], dtype=torch.long),
             activations=None if activations is None else activations[:, r, : len(tokens[r])].clone(),
+            top_ids=None if top_ids is None else top_ids[r, : len(tokens[r])].clone(),
+            top_logp=None if top_logp is None else top_logp[r, : len(tokens[r])].clone(),
         )
         for r in range(rows)
     ]

@@ -2,7 +2,8 @@
 
 Pipelines (paper name -> ours):
   SFT only -> `sft`; IA2 only -> `ia2`; IA2 -> SFT -> `ia2->sft` (same adapter, fresh Adam);
-  IA2 + SFT (joint) -> `ia2+sft`; SFT on ICL responses -> `sft-icl`.
+  IA2 + SFT (joint) -> `ia2+sft`; SFT on ICL responses -> `sft-icl`; soft-label KD on the ICL output
+  distribution -> `kd`; SFT -> IA2 -> `sft->ia2` (same adapter, fresh Adam).
 
 An item is a query without demos and its target tokens: the gold answer, or the teacher's response
 (with the teacher's activations where the process trains; token ids only in a Ray Train driver,
@@ -19,8 +20,9 @@ from ia2ray.core.batches import TrainItem
 from ia2ray.core.generate import Generated, continuation_ids
 from ia2ray.core.objective import StageObjective
 from ia2ray.core.rundata import RunData
+from ia2ray.core.similarity import SimilarityRef
 from ia2ray.core.stages import StageSettings
-from ia2ray.core.teacher import Teacher
+from ia2ray.core.teacher import Teacher, similarity_rows
 from ia2ray.data.examples import Example, format_answer, format_query
 from ia2ray.data.tasks import TaskSpec
 
@@ -31,6 +33,8 @@ PIPELINE_STAGES = {
     "ia2->sft": [("align", "align", "teacher", "align"), ("sft", "sft", "gold", "sft")],
     "ia2+sft": [("joint", "joint", "teacher", "align")],
     "sft-icl": [("sft", "sft", "teacher", "sft")],
+    "kd": [("kd", "kd", "teacher", "sft")],
+    "sft->ia2": [("sft", "sft", "gold", "sft"), ("align", "align", "teacher", "align")],
 }
 
 
@@ -71,7 +75,7 @@ def stage_items(tokenizer, spec: TaskSpec, examples: list[Example], source: str,
             items.append(TrainItem(query, answer_ids(tokenizer, spec, ex)))
         else:
             rec = teacher[i]
-            items.append(TrainItem(query, rec.token_ids.tolist(), rec.activations))
+            items.append(TrainItem(query, rec.token_ids.tolist(), rec.activations, rec.top_ids, rec.top_logp))
     return items
 
 
@@ -106,3 +110,11 @@ def stage_work(cfg: RunConfig, tokenizer, data: RunData, layers: list[int], teac
         dev_items = stage_items(tokenizer, data.spec, data.splits.dev, source, records[n_train:] if records else None)
         out.append(StageWork(name, source, objective, settings, train_items, dev_items))
     return out
+
+
+def similarity_work(cfg: RunConfig, tokenizer, data: RunData, teacher: Teacher) -> tuple[SimilarityRef, list[TrainItem]]:
+    """The similarity rows' plan entry and items (bare query + the validation teacher's response; with its
+    activations where `teacher` carries them)."""
+    items = stage_items(tokenizer, data.spec, similarity_rows(cfg, data), "teacher", teacher.records)
+    rows = [(it.query_ids, it.target_ids) for it in items]
+    return SimilarityRef(teacher.cache_root, teacher.key, cfg.align.site, rows), items

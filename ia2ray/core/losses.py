@@ -1,4 +1,4 @@
-"""IA2 losses: activation alignment, cross-entropy on answer tokens, and their convex mix.
+"""IA2 losses: activation alignment, cross-entropy on answer tokens, their convex mix, and soft-label KD.
 
 Shapes: activations are [L, B, G, d] (aligned layers, batch, aligned positions, hidden) with a
 position mask [B, G] (rows have different G). Every loss is computed per example and then averaged
@@ -66,3 +66,16 @@ def answer_ce_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tens
 def joint_loss(align: torch.Tensor, ce: torch.Tensor, ce_weight: float) -> torch.Tensor:
     """The ia2+sft objective: (1 - b) * align + b * CE (the reference's convex form)."""
     return (1 - ce_weight) * align + ce_weight * ce
+
+
+def kd_loss(logits: torch.Tensor, top_ids: torch.Tensor, top_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Soft-label knowledge distillation: KL(teacher || student) at each response position, over the
+    teacher's top-k tokens with both distributions renormalised over them (with k the whole vocabulary,
+    the exact KL), mean over each example's tokens, then over the batch. `logits` [B, G, V] are the
+    student's; `top_ids` / `top_logp` [B, G, k] the teacher's k most likely tokens and log-probabilities."""
+    student = torch.gather(logits.float().log_softmax(-1), -1, top_ids)  # [B, G, k]
+    student = student - student.logsumexp(-1, keepdim=True)
+    teacher = top_logp.float() - top_logp.float().logsumexp(-1, keepdim=True)
+    per_token = (teacher.exp() * (teacher - student)).sum(-1)  # [B, G]
+    m = mask.to(per_token.dtype)
+    return ((per_token * m).sum(1) / m.sum(1).clamp_min(1)).mean()

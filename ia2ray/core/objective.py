@@ -1,4 +1,4 @@
-"""The student forward pass and the loss of each stage kind (align, sft, joint).
+"""The student forward pass and the loss of each stage kind (align, sft, joint, kd).
 
 The student runs the decoder stack only; logits are computed just at the response positions (the
 LM head over the full sequence is never needed), and the alignment-only stage skips the head.
@@ -12,15 +12,16 @@ from typing import Optional
 import torch
 
 from ia2ray.core.batches import Batch
-from ia2ray.core.losses import alignment_loss, answer_ce_loss, joint_loss
+from ia2ray.core.losses import alignment_loss, answer_ce_loss, joint_loss, kd_loss
 from ia2ray.core.sites import ActivationRecorder, base_model
 
-STAGE_KINDS = ("align", "sft", "joint")
+STAGE_KINDS = ("align", "sft", "joint", "kd")
 
 
 @dataclass(frozen=True)
 class StageObjective:
-    """What a stage optimises. `kind`: align (activation MSE only), sft (CE only), joint (both)."""
+    """What a stage optimises. `kind`: align (activation MSE only), sft (CE only), joint (both), kd (KL to
+    the teacher's output distribution on its response tokens)."""
 
     kind: str
     site: str = "attn_out"
@@ -55,7 +56,12 @@ def stage_loss(model, batch: Batch, objective: StageObjective) -> torch.Tensor:
     decoder = base_model(model).get_decoder()
     if not objective.needs_teacher:
         hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)[0]
-        return answer_ce_loss(response_logits(model, hidden, batch), batch.targets, batch.position_mask)
+        logits = response_logits(model, hidden, batch)
+        if objective.kind == "kd":
+            if batch.top_logp is None:
+                raise ValueError("the kd stage needs the teacher's output distribution for every item")
+            return kd_loss(logits, batch.top_ids, batch.top_logp, batch.position_mask)
+        return answer_ce_loss(logits, batch.targets, batch.position_mask)
     if batch.teacher is None:
         raise ValueError(f"the {objective.kind} stage needs teacher activations for every item")
     layers = list(objective.layers) if objective.layers is not None else None

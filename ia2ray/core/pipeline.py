@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
 from ia2ray.config.schema import RunConfig
 from ia2ray.core.cache import EntrySync
-from ia2ray.core.items import StageWork, stage_work, uses_teacher
+from ia2ray.core.items import StageWork, similarity_work, stage_work, uses_teacher
 from ia2ray.core.model import LOADS, add_lora, load_model, resolve_device, resolve_layers
 from ia2ray.core.preflight import preflight
 from ia2ray.core.rundata import RunData, prepare_data
@@ -124,20 +124,27 @@ def run_in_process(req: RunRequest) -> RunResult:
     clock.append(time.perf_counter())
     layers = resolve_layers(cfg.align.layers, num_layers(model))
     teacher, stages, results = None, [], []
+    capture = dict(cached_only=req.cached_teacher_only, sync=req.sync, fingerprint=req.fingerprint)
     if req.evals.trained:  # an ICL-only run has no stages
         if uses_teacher(cfg.pipeline):
-            teacher = capture_teacher(cfg, model, tokenizer, data, req.progress, cached_only=req.cached_teacher_only,
-                                      sync=req.sync, fingerprint=req.fingerprint)
+            teacher = capture_teacher(cfg, model, tokenizer, data, req.progress, **capture)
         stages = stage_work(cfg, tokenizer, data, layers, teacher)
+    evals, sim_items = req.evals, None
+    if cfg.eval.similarity:  # the validation rows' teacher, from the base model before any adapter
+        ref, sim_items = similarity_work(cfg, tokenizer, data, capture_teacher(cfg, model, tokenizer, data, req.progress,
+                                                                               which="val", **capture))
+        evals = replace(evals, similarity=ref)
     clock.append(time.perf_counter())
     if stages:
         model, results = train_in_process(cfg, model, tokenizer, stages, teacher, req.on_log)
     clock.append(time.perf_counter())
-    metrics, answers = run_evals(model, tokenizer, req.evals, device)
+    metrics, answers = run_evals(model, tokenizer, evals, device, sim_items=sim_items)
     clock.append(time.perf_counter())
-    # seconds: model load, teacher + items, stage training, evaluation (with the ICL baseline)
+    # seconds: model load, teacher + items, stage training, evaluation (with the ICL baseline and similarity)
     timings = {k: round(b - a, 3) for k, a, b in zip(("load_s", "prepare_s", "train_stages_s", "eval_s"),
                                                     clock, clock[1:])}
+    if "sim" in metrics:
+        timings["sim_s"] = metrics["sim"].pop("seconds")
     return RunResult(results, metrics, answers, layers, loads, loads, node_name(), timings, model=model,
                      tokenizer=tokenizer)
 
@@ -171,6 +178,8 @@ def run_pipeline(cfg: RunConfig, *, data: Optional[RunData] = None, progress: bo
             summary["icl"] = result.metrics["icl"]
         summary["stages"] = [r for r, _ in result.stages]
         summary |= {key: result.metrics[key] for key, _, _ in evals.sets}
+    if "sim" in result.metrics:
+        summary["sim"] = result.metrics["sim"]
     summary["timings"] = {"setup_s": round(setup, 3), **result.timings}
     if result.workers:
         summary["workers"] = result.workers

@@ -9,10 +9,15 @@ batch padding.
 
 The ICL baseline is the base model with N-1 demos: on a model holding an adapter it runs with the
 adapter disabled, which gives exactly the base model's outputs.
+
+With `similarity` the plan also measures activation similarity to the teacher on the similarity rows
+(`ia2ray.core.similarity`): of the trained adapter, or of the base model in an ICL-only run. The runner
+fills it in (it needs the tokenizer and the teacher's cache entry) and hands the rows' items over.
 """
 
 from __future__ import annotations
 
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -21,6 +26,7 @@ from ia2ray.config.schema import EvalConfig, RunConfig
 from ia2ray.core.evaluate import icl_summary, rows_metrics, score_rows
 from ia2ray.core.fingerprint import content_hash
 from ia2ray.core.rundata import RunData, eval_sets
+from ia2ray.core.similarity import SimilarityRef, row_similarities, summarize
 from ia2ray.data.examples import Example
 from ia2ray.data.tasks import TaskSpec
 
@@ -32,6 +38,7 @@ class EvalPlan:
     demo_spec: TaskSpec  # the training task: it formats the ICL demos, also before OOD queries
     icl_draws: list[list[Example]] = field(default_factory=list)  # the ICL baseline's demo sets; []: no baseline
     trained: bool = True  # score the trained model (False: only the ICL baseline)
+    similarity: Optional[SimilarityRef] = None  # measure activation similarity (set by the runner)
 
     def fingerprint(self) -> str:
         """What decides the results (a finished Ray Train run is reused only for the same plan)."""
@@ -39,6 +46,7 @@ class EvalPlan:
             "sets": [[k, s.model_dump(mode="json"), [e.__dict__ for e in rows]] for k, s, rows in self.sets],
             "cfg": self.cfg.model_dump(mode="json"), "demo_spec": self.demo_spec.model_dump(mode="json"),
             "icl": [[e.__dict__ for e in d] for d in self.icl_draws], "trained": self.trained,
+            "similarity": [self.similarity.key, self.similarity.site] if self.similarity else None,
         })
 
 
@@ -75,9 +83,11 @@ def adapter_disabled(model):
     return disable() if callable(disable) else nullcontext()
 
 
-def run_evals(model, tokenizer, plan: EvalPlan, device, shard: Optional[Shard] = None) -> tuple[dict, dict]:
-    """(metrics, answers): metrics per summary key, plus "icl" (per key) for the ICL baseline; answers
-    per key (and "icl/<key>" for the first demo draw): each row's prediction and whether it was right."""
+def run_evals(model, tokenizer, plan: EvalPlan, device, shard: Optional[Shard] = None,
+              sim_items: Optional[list] = None) -> tuple[dict, dict]:
+    """(metrics, answers): metrics per summary key, plus "icl" (per key) for the ICL baseline and "sim"
+    (`similarity.summarize`, with its site and seconds) when the plan measures similarity on `sim_items`;
+    answers per key (and "icl/<key>" for the first demo draw): each row's prediction and whether it was right."""
     shard = shard or Shard()
     model.eval()
     metrics: dict = {}
@@ -100,4 +110,13 @@ def run_evals(model, tokenizer, plan: EvalPlan, device, shard: Optional[Shard] =
             scored = shard.score(rows, lambda part: score_rows(model, tokenizer, spec, part, plan.cfg, device))
             metrics[key] = rows_metrics(spec, scored, plan.cfg)
             answers[key] = scored
+    if plan.similarity is not None:
+        if sim_items is None:
+            raise ValueError("the evaluation plan measures similarity but no similarity rows were given")
+        start = time.perf_counter()
+        with nullcontext() if plan.trained else adapter_disabled(model):  # an ICL-only run: the base model's
+            rows = shard.score(sim_items, lambda part: row_similarities(model, part, plan.similarity.site,
+                                                                        tokenizer.pad_token_id, device, plan.cfg.batch_size))
+        metrics["sim"] = {**summarize(rows), "site": plan.similarity.site,
+                          "seconds": round(time.perf_counter() - start, 3)}
     return metrics, answers

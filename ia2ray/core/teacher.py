@@ -24,7 +24,7 @@ from ia2ray.core.fingerprint import content_hash, fingerprint_model, fingerprint
 from ia2ray.core.generate import Generated
 from ia2ray.core.model import model_config, model_dir
 from ia2ray.core.rundata import RunData
-from ia2ray.data.splits import dev_prompts, training_prompts
+from ia2ray.data.splits import dev_prompts, held_out_prompts, training_prompts
 from ia2ray.fileio import ia2ray_home
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,20 @@ def teacher_prompts(cfg: RunConfig, data: RunData) -> list[str]:
             + dev_prompts(data.spec, data.splits, cfg.data.seed))
 
 
+def similarity_rows(cfg: RunConfig, data: RunData) -> list:
+    """The validation rows activation similarity is measured on (`eval.similarity_rows` first ones)."""
+    return data.splits.val[: cfg.eval.similarity_rows or len(data.splits.val)]
+
+
+def similarity_prompts(cfg: RunConfig, data: RunData) -> list[str]:
+    """The teacher's prompts for activation similarity: each similarity row's query after N-1 of the
+    training examples as demos (drawn like the dev prompts', with their own seed)."""
+    return held_out_prompts(data.spec, data.splits, similarity_rows(cfg, data), cfg.data.seed, "val-demos")
+
+
+PROMPTS = {"train": teacher_prompts, "val": similarity_prompts}  # which teacher -> its prompts
+
+
 def model_fingerprint(cfg: RunConfig) -> str:
     """The model weights' identity: a local folder by content (hashed once per process), a hub id by the
     commit its config was loaded from."""
@@ -91,31 +105,34 @@ def model_fingerprint(cfg: RunConfig) -> str:
 
 
 def teacher_key(cfg: RunConfig, tokenizer, data: RunData, fingerprint: Optional[str] = None,
-                prompts: Optional[list[str]] = None) -> str:
+                prompts: Optional[list[str]] = None, which: str = "train") -> str:
     """The cache key of the run's teacher (`fingerprint`: `model_fingerprint(cfg)`, when known;
-    `prompts`: `teacher_prompts(cfg, data)`, when already built)."""
+    `prompts`: `PROMPTS[which](cfg, data)`, when already built; `which`: the training teacher, or the
+    validation rows' teacher of activation similarity)."""
     spec = data.spec
     return ActivationCache.key_of(
         model=fingerprint or model_fingerprint(cfg),
         model_dtype=cfg.model.dtype,
         tokenizer=fingerprint_tokenizer(tokenizer),
         task=spec.model_dump(mode="json"),
-        prompts=content_hash(prompts if prompts is not None else teacher_prompts(cfg, data)),
+        prompts=content_hash(prompts if prompts is not None else PROMPTS[which](cfg, data)),
         max_new_tokens=cfg.align.max_new_tokens or spec.max_new_tokens,
         stop=list(spec.stop_strings),
         site=cfg.align.site,
         dtype=cfg.capture.dtype,
+        top_k=cfg.capture.kd_top_k,
     )
 
 
 def capture_teacher(cfg: RunConfig, model, tokenizer, data: RunData, progress: bool = True,
                     cached_only: bool = False, sync: Optional[EntrySync] = None,
-                    fingerprint: Optional[str] = None) -> Teacher:
-    """Teacher tokens + activations (all layers) for train then dev examples, via the cache.
-    With `cached_only`, a cache miss raises TeacherNotCachedError instead of running the teacher."""
+                    fingerprint: Optional[str] = None, which: str = "train") -> Teacher:
+    """Teacher tokens + activations (all layers) + top-k log-probabilities, via the cache: for the train
+    then dev examples (`which="train"`), or for the similarity rows (`"val"`). With `cached_only`, a
+    cache miss raises TeacherNotCachedError instead of running the teacher."""
     spec = data.spec
     location = cache_location(cfg)
-    prompts = teacher_prompts(cfg, data)
+    prompts = PROMPTS[which](cfg, data)
     key = teacher_key(cfg, tokenizer, data, fingerprint, prompts)
     meta = {"dtype": cfg.capture.dtype, "site": cfg.align.site, "task": spec.name, "n_prompts": len(prompts)}
 
@@ -124,7 +141,7 @@ def capture_teacher(cfg: RunConfig, model, tokenizer, data: RunData, progress: b
             raise not_cached(cfg, key, location)
         return capture_icl_activations(model, tokenizer, prompts, cfg.align.max_new_tokens or spec.max_new_tokens,
                                        site=cfg.align.site, batch_size=cfg.capture.batch_size,
-                                       stop_strings=spec.stop_strings, progress=progress)
+                                       stop_strings=spec.stop_strings, progress=progress, top_k=cfg.capture.kd_top_k)
 
     cache = open_entry(location, key, sync)
     records, hit = cache.get_or_compute(key, compute, meta)
@@ -135,11 +152,11 @@ def capture_teacher(cfg: RunConfig, model, tokenizer, data: RunData, progress: b
 
 
 def cached_teacher_tokens(cfg: RunConfig, tokenizer, data: RunData, sync: Optional[EntrySync] = None,
-                          fingerprint: Optional[str] = None) -> tuple[str, Optional[Teacher]]:
+                          fingerprint: Optional[str] = None, which: str = "train") -> tuple[str, Optional[Teacher]]:
     """(key, the cached teacher's generated tokens without its activations): what a Ray Train driver
     needs to build training items. The teacher is None when the entry is not in the cache."""
     location = cache_location(cfg)
-    key = teacher_key(cfg, tokenizer, data, fingerprint)
+    key = teacher_key(cfg, tokenizer, data, fingerprint, which=which)
     cache = open_entry(location, key, sync)
     if not cache.has(key):
         return key, None

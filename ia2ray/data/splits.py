@@ -145,10 +145,16 @@ def training_prompts(spec: TaskSpec, splits: Splits, seed: int) -> list[str]:
 def dev_prompts(spec: TaskSpec, splits: Splits, seed: int) -> list[str]:
     """Teacher prompts of the dev examples (for the alignment dev loss): N-1 of the training
     examples, in a seeded shuffled order, as demos."""
+    return held_out_prompts(spec, splits, splits.dev, seed, "dev-demos")
+
+
+def held_out_prompts(spec: TaskSpec, splits: Splits, rows: Sequence[Example], seed: int, tag: str) -> list[str]:
+    """Teacher prompts of rows outside the training set: per row, N-1 of the training examples in a
+    shuffled order seeded by (`tag`, seed, row index) as demos, then the row's query."""
     prompts = []
-    for i, ex in enumerate(splits.dev):
+    for i, ex in enumerate(rows):
         demos = list(splits.train)
-        random.Random(f"dev-demos:{seed}:{i}").shuffle(demos)
+        random.Random(f"{tag}:{seed}:{i}").shuffle(demos)
         prompts.append(build_icl_prompt(spec, demos[: max(len(demos) - 1, 0)], ex))
     return prompts
 

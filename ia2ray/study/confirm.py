@@ -21,7 +21,8 @@ from ia2ray.study.trial import TrialContext, baseline_trial, confirm_trial, obje
 
 log = logging.getLogger(__name__)
 
-BASELINE_LABELS = {"icl": "ICL", "sft": "SFT only", "ia2": "IA2 only", "ia2->sft": "IA2 -> SFT"}
+BASELINE_LABELS = {"icl": "ICL", "sft": "SFT only", "ia2": "IA2 only", "ia2->sft": "IA2 -> SFT", "ia2+sft": "IA2 + SFT",
+                   "sft-icl": "SFT on ICL", "kd": "KD", "sft->ia2": "SFT -> IA2"}
 
 
 def tuned_baselines(study: StudyFile) -> list[str]:

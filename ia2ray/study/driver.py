@@ -16,7 +16,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 from ia2ray.config.load import ConfigError, dump_yaml, load_study_file
 from ia2ray.config.schema import RunConfig, StudyFile
@@ -306,10 +306,19 @@ def upload(p: PreparedStudy) -> None:
         push(p.remote, skip=REMOTE_ONLY)
 
 
-def download_runs(p: PreparedStudy) -> int:
+def download_runs(p: PreparedStudy, adapters_of: Iterable[dict] = ()) -> int:
     """A bucket study: fetch what the study driver reads of the trials' `runs/<run>/` folders, which
-    trials on other nodes uploaded (their summaries and MLflow pending files; not the adapters)."""
-    return pull(p.remote, "runs", names=("summary.json", PENDING_FILE)) if p.remote else 0
+    trials on other nodes uploaded (their summaries and MLflow pending files; the adapters only of the
+    confirmation rows `adapters_of`, for the report's LoRA overlap)."""
+    if not p.remote:
+        return 0
+    from ia2ray.study.trial import run_name
+
+    count = pull(p.remote, "runs", names=("summary.json", PENDING_FILE))
+    for row in adapters_of:
+        if not row["icl"]:
+            count += pull(p.remote, f"runs/{run_name(row['label'], row['seed'])}/adapter")
+    return count
 
 
 def close_trial_runs(study_dir: Path, tracking: dict) -> list[str]:
@@ -369,7 +378,7 @@ def _run(p: PreparedStudy, resume: bool, parent, tracking: Optional[dict]) -> di
     t = time.perf_counter()
     rows = confirmation_rows(p.study, front, chosen, len(trials))
     confirm = run_confirm(rows, ctx, plan, resume) if rows else []
-    download_runs(p)
+    download_runs(p, adapters_of=rows)
     timings["confirm"] = time.perf_counter() - t
     errors += [f"confirmation {r.config['row']['label']} seed {r.config['row']['seed']}: {r.error}"
                for r in confirm if r.error]

@@ -1,5 +1,5 @@
-"""The study's figures: the search's Pareto plot and reliability diagrams (matplotlib, Agg backend,
-written atomically)."""
+"""The study's figures: the search's Pareto plot, reliability diagrams, per-layer activation similarity
+curves and the LoRA subspace overlap heatmap (matplotlib, Agg backend, written atomically)."""
 
 from __future__ import annotations
 
@@ -45,6 +45,46 @@ def plot_reliability(runs: dict[str, list[dict]], path: Path, split: str = "test
         ax.set_xlabel("confidence")
     axes[0][0].set_ylabel("accuracy")
     axes[0][0].legend(fontsize=7)
+    _save(fig, path)
+
+
+def plot_similarity(curves: dict[str, list[float]], path: Path, site: str) -> None:
+    """One line per method: the mean (over seeds) token-wise cosine similarity to the ICL teacher per layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (method, layers) in enumerate(curves.items()):
+        style = "k--" if method.startswith("base") else "o-"
+        ax.plot(range(len(layers)), layers, style, ms=3, label=method, **({} if style == "k--" else {"c": f"C{i}"}))
+    ax.set_xlabel("layer")
+    ax.set_ylabel("cosine similarity to the ICL teacher")
+    ax.set_title(f"activation similarity ({site}, validation rows)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_overlap(methods: list[str], matrix: list[list[float]], path: Path) -> None:
+    """Heatmap of the mean LoRA subspace overlap between methods' adapters (same seed, mean over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(methods)
+    fig, ax = plt.subplots(figsize=(1.2 * n + 2.5, 1.0 * n + 1.8))
+    im = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
+    ax.set_xticks(range(n), methods, rotation=30, ha="right")
+    ax.set_yticks(range(n), methods)
+    for i in range(n):
+        for j in range(n):
+            v = matrix[i][j]
+            ax.text(j, i, "-" if v != v else f"{v:.2f}", ha="center", va="center", c="w" if v < 0.6 else "k", fontsize=9)
+    fig.colorbar(im, ax=ax, label="subspace overlap")
+    ax.set_title("LoRA subspace overlap (B matrices)")
     _save(fig, path)
 
 

@@ -24,12 +24,12 @@ from ia2ray.config.load import dump_yaml
 from ia2ray.config.schema import RunConfig, StudyFile
 from ia2ray.tracking import RunLog, TrackingError, find_runs, open_experiment
 from ia2ray.tracking.runlog import PENDING_FILE, is_local_uri
-from ia2ray.tracking.shape import flat_params, slug, split_metrics, step_metrics, tag
+from ia2ray.tracking.shape import flat_params, slug, sim_metrics, split_metrics, step_metrics, tag
 
 log = logging.getLogger(__name__)
 
 PARENT_ARTIFACTS = ("study.yaml", "report.md", "report.csv", "trials.csv", "pareto.csv", "pareto.png",
-                    "reliability.png")
+                    "reliability.png", "similarity.csv", "similarity.png", "overlap.csv", "overlap.png")
 
 
 def code_version() -> str:
@@ -128,7 +128,8 @@ def log_result(run: Optional[RunLog], out_dir: Path, cfg: RunConfig, summary: di
     items = [m for h in summary.get("history", []) for m in step_metrics(prefix + h["stage"], h)]
     finals = {**split_metrics(summary, splits), **(metrics or {}),
               **{f"time/{k}": v for k, v in (summary.get("timings") or {}).items()}}
-    run.log_metrics(items + [(prefix + k, v, 0) for k, v in finals.items()])
+    run.log_metrics(items + [(prefix + k, v, 0) for k, v in finals.items()]
+                    + [(prefix + k, v, step) for k, v, step in sim_metrics(summary)])
     write_text_atomic(out_dir / "config.yaml", dump_yaml(cfg))
     plot_reliability({cfg.name: [summary]}, out_dir / "reliability.png", split=splits[-1])  # test, else val
     folder = prefix.rstrip("/") or None
@@ -152,6 +153,8 @@ def finish_study_run(parent: RunLog, study_dir: Path, table: list[dict], n_trial
             if f"test_{key}_mean" in row:
                 metrics += [(f"{method}/test/{key}", row[f"test_{key}_mean"], 0),
                             (f"{method}/test/{key}_std", row[f"test_{key}_std"], 0)]
+        if "sim_mean" in row:
+            metrics += [(f"{method}/sim/mean", row["sim_mean"], 0), (f"{method}/sim/mean_std", row["sim_std"], 0)]
         for col, value in row.items():
             if col.startswith("vs_") and col.endswith("_verdict"):  # vs_<ref>_test_<metric>_verdict
                 ref, metric = col[len("vs_"):-len("_verdict")].split("_test_")

@@ -3,7 +3,7 @@ out-of-domain targets'), paired comparisons against SFT only and ICL, the Pareto
 and reliability diagrams, written into the study folder.
 
 Files: `report.md`, `report.csv`, `trials.csv` (every completed search trial), `pareto.csv`, `pareto.png`,
-`reliability.png`. Standard deviations are sample standard deviations (ddof=1; 0 for one seed). A paired
+`reliability.png`, and the analyses of `ia2ray.study.analysis` (activation similarity, LoRA overlap). Standard deviations are sample standard deviations (ddof=1; 0 for one seed). A paired
 comparison takes the per-seed differences on the seeds both methods have (the same N-shot subset):
 their mean, a bootstrap 95% interval (10,000 resamples, seed 0), the two-sided paired t-test p-value
 and a verdict at 0.05 (`ia2ray.core.stats.paired`).
@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ia2ray.core.stats import mean_std, paired
 from ia2ray.fileio import write_text_atomic
+from ia2ray.study.analysis import write_analysis
 from ia2ray.study.plots import plot_pareto, plot_reliability
 
 REFERENCES = {"SFT only": "sft", "ICL": "icl"}  # methods every other method is compared against, by column prefix
@@ -58,6 +59,9 @@ def summarise(runs: dict[str, list[dict]]) -> list[dict]:
                 values = [s[split][key] for s in summaries if split in s and s[split].get(key) is not None]
                 if values:
                     row[f"{split}_{key}_mean"], row[f"{split}_{key}_std"] = mean_std(values)
+        sims = [s["sim"]["mean"] for s in summaries if s.get("sim")]
+        if sims:
+            row["sim_mean"], row["sim_std"] = mean_std(sims)
         table.append(row)
     add_paired(table, runs)
     return table
@@ -86,7 +90,7 @@ def add_paired(table: list[dict], runs: dict[str, list[dict]]) -> None:
 
 
 COLUMNS = ["method", "n_seeds", "seeds", "test_acc_mean", "test_acc_std", "test_ece_mean", "test_ece_std",
-           "val_acc_mean", "val_acc_std", "val_ece_mean", "val_ece_std"]
+           "val_acc_mean", "val_acc_std", "val_ece_mean", "val_ece_std", "sim_mean", "sim_std"]
 PAIRED_COLUMNS = [f"vs_{short}_test_{key}_{part}" for short in REFERENCES.values() for key, _ in PAIRED_METRICS
                   for part in ("diff", "ci_low", "ci_high", "p", "verdict", "n")]
 
@@ -180,6 +184,7 @@ def write_report(study_dir: Path, name: str, study_lines: list[str], rows: list[
     if has_pareto and trials:
         plot_pareto(trials, front, study_dir / "pareto.png")
     plot_reliability(runs, study_dir / "reliability.png")
+    analysis = write_analysis(study_dir, runs, rows)
     front_lines = [f"- best-{i}: " + ", ".join(f"{m} {v:.4f}" for m, v in f["values"].items())
                    + f" ({describe_params(f['params'])})" for i, f in enumerate(front, start=1)]
     text = "\n".join([
@@ -191,6 +196,7 @@ def write_report(study_dir: Path, name: str, study_lines: list[str], rows: list[
            "A verdict says `better` or `worse` where the paired t-test gives p < 0.05, else `not distinguishable`; "
            "with few seeds the intervals are wide and the test has little power.", ""] if paired_md else []),
         *ood,
+        *analysis,
         f"## Search: {len(trials)} completed trials; selected configs ({metrics and ', '.join(metrics)})", "",
         *(front_lines or ["(none)"]), "",
         *(["![Pareto front](pareto.png)", ""] if has_pareto and trials else []),

@@ -32,8 +32,9 @@ def needs_teacher(study: StudyFile, base: RunConfig) -> bool:
 
 def teacher_variants(base: RunConfig, study: StudyFile) -> list[RunConfig]:
     """One config per teacher key the study can need: every seed of the search and the confirmation,
-    every activation site in the space."""
-    if not needs_teacher(study, base):
+    every activation site in the space (each capture also takes the similarity rows' teacher when
+    `eval.similarity` is on)."""
+    if not needs_teacher(study, base) and not base.eval.similarity:  # similarity needs the validation rows' teacher
         return []
     sites = {base.align.site}
     param = study.search.params.get("align.site")

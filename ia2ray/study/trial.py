@@ -60,13 +60,17 @@ def objectives(study: StudyFile, has_ece: bool) -> list[tuple[str, str]]:
 def objective_metrics(summaries: list[dict], study: StudyFile) -> dict:
     """A search trial's report from its runs' summaries, one per `study.search_seeds` subset: the mean
     of each validation metric (`val/acc`, `val/ece`, `val/nll`, `val/brier`), its sample std
-    (`val/acc_std`, ...; 0 for one subset) and the scalar objective mean(acc) - lambda * mean(ECE)."""
+    (`val/acc_std`, ...; 0 for one subset), the scalar objective mean(acc) - lambda * mean(ECE), and the
+    mean activation similarity (`sim/mean`, `sim/mean_std`) when the runs measured it."""
     out: dict = {}
     for key in ("acc", "ece", "nll", "brier"):
         values = [s["val"][key] for s in summaries if s["val"].get(key) is not None]
         if len(values) == len(summaries):
             out[f"val/{key}"], out[f"val/{key}_std"] = mean_std(values)
     out["objective"] = out["val/acc"] - study.study.ece_weight * out.get("val/ece", 0.0)
+    sims = [s["sim"]["mean"] for s in summaries if s.get("sim")]
+    if sims and len(sims) == len(summaries):  # reported and logged, never optimised
+        out["sim/mean"], out["sim/mean_std"] = mean_std(sims)
     return out
 
 

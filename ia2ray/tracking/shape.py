@@ -58,5 +58,18 @@ def split_metrics(summary: dict, splits: tuple[str, ...]) -> dict[str, float]:
     return out
 
 
+def sim_metrics(summary: dict) -> list[tuple[str, float, int]]:
+    """A run's activation similarity (`summary["sim"]`): `sim/mean`, `sim/layer_<k>` (one key per layer:
+    columns of MLflow's compare table) and `sim/by_layer` with the layer as its step (a curve per run in
+    MLflow's charts)."""
+    sim = summary.get("sim")
+    if not sim:
+        return []
+    width = len(str(len(sim["layers"]) - 1))
+    return ([("sim/mean", float(sim["mean"]), 0)]
+            + [(f"sim/layer_{k:0{width}d}", float(v), 0) for k, v in enumerate(sim["layers"])]
+            + [("sim/by_layer", float(v), k) for k, v in enumerate(sim["layers"])])
+
+
 def tag(name: str) -> str:
     return f"{TAG}{name}"

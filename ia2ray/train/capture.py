@@ -15,7 +15,8 @@ from ia2ray.config.schema import RunConfig
 
 
 def _capture_one(cfg_json: dict, fingerprint: Optional[str]) -> dict:
-    """Ray task body: load data and model, capture the teacher (or find it cached)."""
+    """Ray task body: load data and model, capture the teacher (or find it cached), and the validation
+    rows' teacher of activation similarity when the config measures it."""
     from ia2ray.core.model import load_model, resolve_device
     from ia2ray.core.rundata import prepare_data
     from ia2ray.core.teacher import cache_location, capture_teacher
@@ -25,11 +26,14 @@ def _capture_one(cfg_json: dict, fingerprint: Optional[str]) -> dict:
     start = time.perf_counter()
     data = prepare_data(cfg)
     model, tokenizer = load_model(cfg.model, resolve_device(cfg.train.device))
-    teacher = capture_teacher(cfg, model, tokenizer, data, progress=False, sync=bucket_sync(cache_location(cfg)),
-                              fingerprint=fingerprint)
-    return {"key": teacher.key, "computed": not teacher.hit, "seed": cfg.data.seed, "site": cfg.align.site,
-            "task": cfg.task.name, "n": cfg.data.n, "prompts": len(teacher.records),
-            "seconds": round(time.perf_counter() - start, 2)}
+    sync = bucket_sync(cache_location(cfg))
+    teacher = capture_teacher(cfg, model, tokenizer, data, progress=False, sync=sync, fingerprint=fingerprint)
+    out = {"key": teacher.key, "computed": not teacher.hit, "seed": cfg.data.seed, "site": cfg.align.site,
+           "task": cfg.task.name, "n": cfg.data.n, "prompts": len(teacher.records)}
+    if cfg.eval.similarity:  # the validation rows' teacher of activation similarity
+        val = capture_teacher(cfg, model, tokenizer, data, progress=False, sync=sync, fingerprint=fingerprint, which="val")
+        out |= {"similarity_key": val.key, "similarity_computed": not val.hit, "similarity_prompts": len(val.records)}
+    return out | {"seconds": round(time.perf_counter() - start, 2)}
 
 
 def capture_remote(configs: list[RunConfig], use_gpu: Optional[bool], fingerprint: Optional[str] = None) -> list[dict]:

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
 from ia2ray.config.schema import RunConfig
 from ia2ray.core.fingerprint import content_hash
 from ia2ray.core.gguf import SMOLLM2, is_gguf_path
-from ia2ray.core.items import StageWork, stage_work, uses_teacher
+from ia2ray.core.items import StageWork, similarity_work, stage_work, uses_teacher
 from ia2ray.core.model import LOADS, load_tokenizer, model_depth, model_dir, resolve_layers
 from ia2ray.core.pipeline import RunRequest, RunResult
 from ia2ray.core.runeval import EvalPlan
@@ -75,18 +76,18 @@ def make_job(cfg: RunConfig, pad_id: int, stages: list[StageWork], teacher: Opti
                     evals=evals)
 
 
-def teacher_tokens(req: RunRequest, tokenizer) -> Teacher:
-    """The teacher's token ids from the cache; on a miss (unless the run may only read the cache) the
-    teacher is captured first by a Ray task."""
+def teacher_tokens(req: RunRequest, tokenizer, which: str = "train") -> Teacher:
+    """The teacher's token ids from the cache (`which`: the training teacher, or the similarity rows');
+    on a miss (unless the run may only read the cache) the teachers are captured first by a Ray task."""
     cfg = req.cfg
-    key, teacher = cached_teacher_tokens(cfg, tokenizer, req.data, req.sync, req.fingerprint)
+    key, teacher = cached_teacher_tokens(cfg, tokenizer, req.data, req.sync, req.fingerprint, which)
     if teacher is None:
         if req.cached_teacher_only:
             raise not_cached(cfg, key, cache_location(cfg))
         from ia2ray.train.capture import capture_remote
 
         capture_remote([cfg], cfg.train.use_gpu, req.fingerprint)
-        key, teacher = cached_teacher_tokens(cfg, tokenizer, req.data, req.sync, req.fingerprint)
+        key, teacher = cached_teacher_tokens(cfg, tokenizer, req.data, req.sync, req.fingerprint, which)
     return teacher
 
 
@@ -104,7 +105,10 @@ def run_with_ray(req: RunRequest, tracking: Optional[dict] = None) -> RunResult:
     if req.evals.trained:
         teacher = teacher_tokens(req, tokenizer) if uses_teacher(cfg.pipeline) else None
         stages = stage_work(cfg, tokenizer, data, layers, teacher)
-    job = make_job(cfg, tokenizer.pad_token_id, stages, teacher, tracking, req.evals)
+    evals = req.evals
+    if cfg.eval.similarity:  # the workers read the rows' activations from the cache
+        evals = replace(evals, similarity=similarity_work(cfg, tokenizer, data, teacher_tokens(req, tokenizer, "val"))[0])
+    job = make_job(cfg, tokenizer.pad_token_id, stages, teacher, tracking, evals)
     clock.append(time.perf_counter())
     outcome = fit(job, cfg.name, train_storage(cfg), cfg.train.use_gpu)
     clock.append(time.perf_counter())
@@ -122,6 +126,8 @@ def run_with_ray(req: RunRequest, tracking: Optional[dict] = None) -> RunResult:
     driver_loads = LOADS["cold"] - loads
     timings = {k: round(b - a, 3) for k, a, b in zip(("load_s", "prepare_s", "train_stages_s"), clock, clock[1:])}
     timings["eval_s"] = workers.get("eval_s", 0.0)  # inside the workers, part of train_stages_s
+    if "sim" in outcome.evals:
+        timings["sim_s"] = outcome.evals["sim"].pop("seconds")
     return RunResult(results, outcome.evals, outcome.answers, layers, driver_loads + workers.get("model_loads", 0),
                      driver_loads, workers.get("node_id", ""), timings, tokenizer=tokenizer,
                      adapter_files=outcome.adapter_files, workers=workers)

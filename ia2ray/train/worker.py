@@ -281,8 +281,10 @@ def _rss_mb() -> float:
 
 
 def _item(ref: ItemRef, teacher: dict) -> TrainItem:
-    acts = teacher[ref.record].activations if ref.record is not None else None
-    return TrainItem(ref.query_ids, ref.target_ids, acts)
+    if ref.record is None:
+        return TrainItem(ref.query_ids, ref.target_ids)
+    rec = teacher[ref.record]
+    return TrainItem(ref.query_ids, ref.target_ids, rec.activations, rec.top_ids, rec.top_logp)
 
 
 @dataclass
@@ -390,6 +392,17 @@ def _load_teacher(job: TrainJob, wc: WorkerContext) -> dict:
     return cache.load_subset(key, sorted(wanted)) if wanted else {}
 
 
+def _load_similarity(ref) -> list[TrainItem]:
+    """The similarity rows with the validation teacher's activations, from its cache entry."""
+    from ia2ray.core.similarity import items_from
+
+    sync = bucket_sync(ref.cache_root)
+    cache = open_entry(ref.cache_root, ref.key, sync)
+    if not cache.has(ref.key):
+        raise CacheError(f"similarity teacher entry {ref.key} is not in {ref.cache_root} (its capture did not finish)")
+    return items_from(ref, cache.load(ref.key))
+
+
 def _resume_state(checkpoint, resume_from: Optional[str], job: TrainJob, wc: WorkerContext) -> Optional[dict]:
     """State to resume from: the further of Ray's latest registered checkpoint and `resume_from`, the
     furthest complete checkpoint in the run folder (Ray may not have registered it: a worker that
@@ -451,8 +464,9 @@ def finish(job: TrainJob, model, tokenizer, adapter: Optional[dict], wc: WorkerC
             model.to(wc.device)
         if adapter is not None:
             set_module_adapter(model, adapter)
+        sim_items = _load_similarity(job.evals.similarity) if job.evals.similarity else None
         with whole_parameters(model):
-            metrics, answers = run_evals(model, tokenizer, job.evals, wc.device, _shard(wc))
+            metrics, answers = run_evals(model, tokenizer, job.evals, wc.device, _shard(wc), sim_items)
     eval_s = time.perf_counter() - start
     workers = {"node_id": wc.node_id, "world_size": wc.world, "device": str(wc.device), **wc.loaded,
                "eval_s": round(eval_s, 3), "rss_end_mb": _rss_mb(),
