@@ -162,3 +162,19 @@ def test_compare_continues_where_an_earlier_run_stopped(tmp_path):
 
     third = run("--seeds", "1", "--set", "eval.batch_size=8")  # another setup: not mixed with the file's splits
     assert "different setup; starting afresh" in third and "N=4 seed=0" in third
+
+
+def test_bench_similarity_reads_a_study_folder(tmp_path):
+    """The study mode of bench_similarity: each run's similarity seconds against its training + evaluation."""
+    folder = tmp_path / "study"
+    for name, sim, train, ev in (("a", 0.1, 2.0, 0.5), ("b", 0.3, 1.0, 0.5)):
+        (folder / "runs" / name).mkdir(parents=True)
+        (folder / "runs" / name / "summary.json").write_text(json.dumps({
+            "name": name, "pipeline": "ia2", "timings": {"sim_s": sim, "train_stages_s": train, "eval_s": ev}}))
+    out = tmp_path / "sim.json"
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_similarity.py"), "--study", str(folder), "--out",
+                          str(out)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    report = json.loads(out.read_text())
+    assert [r["share"] for r in report["runs"]] == pytest.approx([0.04, 0.2])
+    assert report["max_share"] == pytest.approx(0.2) and report["median_sim_s"] == pytest.approx(0.2)

@@ -381,7 +381,7 @@ def test_failed_trials_end_failed_with_the_error(ray_cluster, mlflow_server, tmp
             assert run.info.status == "FAILED" and "NonFiniteLossError" in run.data.tags["ia2ray.error"]
         else:
             assert run.info.status == "FINISHED" and "val/acc" in run.data.metrics
-        assert all(k.split("/")[0] in ("align", "sft", "val", "time", "objective") for k in run.data.metrics)
+        assert all(k.split("/")[0] in ("align", "sft", "val", "time", "objective", "sim") for k in run.data.metrics)
     assert {r.data.params["lr.align"] for r in search if r.info.status == "FAILED"} == {"1e+30"}
     assert parent.info.status == "FINISHED" and "best-1/test/acc" in parent.data.metrics
 

@@ -334,8 +334,8 @@ def test_bf16_on_cpu_trains_with_a_user_deepspeed_file_read_by_the_driver(ray_cl
 def test_workers_evaluate_where_they_trained_as_the_process_would(ray_cluster, setup, tmp_path, zero3_json):
     """`run_with_ray`, `ia2->sft` on 2 ZeRO-3 workers (the model loaded once and partitioned by the first
     stage's engine, the second stage's engine built on it): the ranks split the evaluation rows (ICL
-    baseline included) with the parameters gathered, and give the adapter and metrics of the same run
-    in one process; the driver loads no weights; the summary says where evaluation ran."""
+    baseline and activation similarity included) with the parameters gathered, and give the adapter and
+    metrics of the same run in one process; the driver loads no weights; the summary says where evaluation ran."""
     from ia2ray.core.pipeline import run_pipeline
     from ia2ray.train.ray_stages import run_with_ray
 
@@ -352,6 +352,10 @@ def test_workers_evaluate_where_they_trained_as_the_process_would(ray_cluster, s
             assert remote.summary["icl"][key][metric] == pytest.approx(local.summary["icl"][key][metric], abs=1e-5)
         assert [r["correct"] for r in remote.answers[key]] == [r["correct"] for r in local.answers[key]]
     assert remote.summary["test"]["n"] == 9  # an odd count: rank 0 scores 5 rows, rank 1 scores 4
+    # activation similarity: measured by the ranks on their shares of the rows, as the process measures it
+    assert remote.summary["sim"]["rows"] == local.summary["sim"]["rows"] > 1
+    assert remote.summary["sim"]["layers"] == pytest.approx(local.summary["sim"]["layers"], abs=1e-4)
+    assert remote.summary["timings"]["sim_s"] > 0
     assert remote.summary["driver_model_loads"] == 0 and remote.summary["model_loads"] == 1
     assert remote.summary["eval_node"] == remote.summary["workers"]["node_id"]
     assert remote.summary["workers"]["world_size"] == 2 and remote.summary["workers"]["eval_s"] > 0

@@ -181,7 +181,7 @@ def check_mlflow(url: str, study: Path, superseded: Optional[str]) -> None:
         assert params["pipeline"] == "ia2->sft" and params["lr.sft"] == "0.003"
         assert metrics["val/acc"] == summary["val"]["acc"] and metrics["val/ece"] == summary["val"]["ece"]
         # no Tune bookkeeping (pid, timestamps, iterations) among the metrics
-        assert {k.split("/")[0] for k in metrics} <= {"align", "sft", "val", "time", "objective"}
+        assert {k.split("/")[0] for k in metrics} <= {"align", "sft", "val", "time", "objective", "sim"}
         for stage in ("align", "sft"):
             logged = [m.step for m in client.get_metric_history(run.info.run_id, f"{stage}/loss")]
             expected = [h["step"] for h in summary["history"] if h["stage"] == stage and "train_loss" in h]

@@ -320,7 +320,9 @@ class EvalConfig(Section):
         "model's.",
     )
     similarity_rows: Optional[int] = Field(
-        64, ge=1, description="Validation rows the similarity is measured on (the first ones; null: all of them).",
+        32, ge=1, description="Validation rows the similarity is measured on (the first ones; null: all of them). Each "
+        "costs one forward of the query and the teacher's response: 32 keep it under 10% of a trial's compute "
+        "(bench/bench_similarity.py).",
     )
 
 

@@ -222,7 +222,8 @@ def dry_run_lines(p: PreparedStudy, plan: TrialPlan, cluster_note: str) -> list[
               f"trials: {s.num_trials} (sampler {s.sampler}{SAMPLER_NOTES.get(s.sampler, '')}, seed {s.seed}), each "
               f"on subsets {' '.join(map(str, s.search_seeds))} (data.seed; the objective takes the means)",
               f"resources ({cluster_note}):", *[f"  {line}" for line in plan.describe()],
-              f"teacher captures before the trials: {len(teacher_variants(p.base, p.study))}",
+              f"teacher captures before the trials: {len(teacher_variants(p.base, p.study))}"
+              + (" (each with its validation rows' teacher for activation similarity)" if p.base.eval.similarity else ""),
               f"MLflow: {p.tracking_uri}, experiment {p.study.name}" if p.tracking_uri else "MLflow: off",
               *baseline_lines(p.study),
               f"confirmation: top {s.confirm.top_k} configs + baselines {', '.join(s.confirm.baselines)} "

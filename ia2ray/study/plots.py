@@ -48,22 +48,31 @@ def plot_reliability(runs: dict[str, list[dict]], path: Path, split: str = "test
     _save(fig, path)
 
 
-def plot_similarity(curves: dict[str, list[float]], path: Path, site: str) -> None:
-    """One line per method: the mean (over seeds) token-wise cosine similarity to the ICL teacher per layer."""
+def plot_similarity(curves: dict[str, list[float]], path: Path, site: str, base: str = "base (no adapter)") -> None:
+    """One line per method: the mean (over seeds) token-wise cosine similarity to the ICL teacher per layer;
+    with the base model's curve present, a second panel shows each method's change from it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    ref = curves.get(base)
+    fig, axes = plt.subplots(2 if ref else 1, 1, figsize=(7, 6.5 if ref else 4), sharex=True, squeeze=False)
+    top = axes[0][0]
     for i, (method, layers) in enumerate(curves.items()):
-        style = "k--" if method.startswith("base") else "o-"
-        ax.plot(range(len(layers)), layers, style, ms=3, label=method, **({} if style == "k--" else {"c": f"C{i}"}))
-    ax.set_xlabel("layer")
-    ax.set_ylabel("cosine similarity to the ICL teacher")
-    ax.set_title(f"activation similarity ({site}, validation rows)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+        line = dict(c="k", ls="--") if method == base else dict(c=f"C{i}", marker="o", ms=3)
+        top.plot(range(len(layers)), layers, label=method, **line)
+        if ref and method != base:
+            axes[1][0].plot(range(len(layers)), [a - b for a, b in zip(layers, ref)], label=method, **line)
+    top.set_ylabel("cosine similarity to the ICL teacher")
+    top.set_title(f"activation similarity ({site}, validation rows, mean over seeds)")
+    top.legend(fontsize=8)
+    if ref:
+        axes[1][0].axhline(0, c="k", ls="--", lw=1)
+        axes[1][0].set_ylabel(f"change from the {base.split(' (')[0]} model")
+    for row in axes:
+        row[0].grid(alpha=0.3)
+    axes[-1][0].set_xlabel("layer")
     _save(fig, path)
 
 
