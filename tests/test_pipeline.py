@@ -174,6 +174,9 @@ def test_cli_exits_2_on_model_dependent_errors_and_too_small_icl_pool(tmp_path):
     res = _run_cli("--set", "data.n=4", "--set", "data.train_pool=80", "--set", "data.val_size=73", "--set", "eval.icl_draws=3",
                    "--set", f"output.dir={tmp_path}/out", cwd=tmp_path)
     assert res.returncode == 2 and "ICL pool too small" in res.stderr
+    res = _run_cli("--set", "model.path=/nonexistent/model", "--set", f"output.dir={tmp_path}/out", cwd=tmp_path)
+    assert res.returncode == 2 and "model.path: '/nonexistent/model' is not a folder" in res.stderr
+    assert "Traceback" not in res.stderr
     assert not (tmp_path / "out").exists()
 
 

@@ -95,6 +95,9 @@ def test_unreachable_storage_and_existing_study_are_refused(tmp_path, capsys):
     blocker.write_text("x")
     assert main(["--config", str(SMOKE), "--storage", str(blocker / "studies")]) == 2
     assert "is a file, not a folder" in capsys.readouterr().err
+    if Path("/proc/self").is_dir():  # writable by permissions for root, but no folder can be made there
+        assert main(["--config", str(SMOKE), "--storage", "/proc/ia2ray", "--dry-run"]) == 2
+        assert "--storage / study.storage = '/proc/ia2ray': cannot create a folder in /proc" in capsys.readouterr().err
     assert main(["--config", str(SMOKE), "--storage", "ftp://host/studies"]) == 2  # buckets: test_mirror.py
     assert "--storage / study.storage = 'ftp://host/studies': unsupported scheme 'ftp'" in capsys.readouterr().err
     # under `ray job submit --working-dir .` (the variable Ray's job supervisor sets for the entrypoint)

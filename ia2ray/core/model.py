@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -43,6 +44,10 @@ def model_dir(cfg: ModelConfig) -> str:
                                     f"rebuild it with `python -m ia2ray.testbed --rebuild --out {path}`")
         return str(path)
     if not cfg.path.startswith(BUILTIN_PREFIX):
+        local = cfg.path.startswith(("/", "./", "../", "~")) or os.sep + os.sep in cfg.path
+        if local and not Path(cfg.path).expanduser().is_dir():  # a path, not a hub id: say so, not the hub's words
+            raise FileNotFoundError(f"model.path: {cfg.path!r} is not a folder (a local model is a folder holding "
+                                    "config.json and the weights; a hub id looks like 'namespace/name')")
         return cfg.path
     from ia2ray.core.tiny import TINY_ARCHS, build_tiny_checkpoint
 

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -76,6 +77,10 @@ def check_storage(storage: str) -> list[str]:
         return [f"--storage / study.storage = {storage!r}: {probe} is a file, not a folder"]
     if not os.access(probe, os.W_OK | os.X_OK):
         return [f"--storage / study.storage = {storage!r}: {probe} is not writable"]
+    try:  # permissions can say yes where the file system says no (/proc, a read-only mount, root's view)
+        os.rmdir(tempfile.mkdtemp(prefix=".ia2ray-probe-", dir=probe))
+    except OSError as exc:
+        return [f"--storage / study.storage = {storage!r}: cannot create a folder in {probe} ({exc.strerror or exc})"]
     return []
 
 
