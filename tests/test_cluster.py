@@ -279,7 +279,7 @@ def test_a_bucket_study_runs_across_nodes_and_resumes_from_the_bucket(tmp_path, 
         assert all(stage["placement"]["node_id"] == report["worker"] for stage in summary.get("stages", []))
     assert {"study.json", "optuna.db", "report.md", "report.csv", "teacher.jsonl", "timings.json"} <= set(files)
     keys = {name.split("/")[1] for name in files if name.startswith("activations/") and name.endswith("manifest.json")}
-    assert len(keys) == 2  # the two sites of the smoke study
+    assert len(keys) == 4  # the two sites of the smoke study, each with its training and validation-rows teacher
 
     # the worker node's copy: the trials' own folders, and the teacher entries it fetched
     worker = copies / "worker" / "s3" / s3.bucket / "studies" / "smoke"

@@ -121,7 +121,8 @@ def test_smoke_study_killed_mid_search_then_resumed(tmp_path, tiny_checkpoints, 
     computed = [e for e in events if e["computed"]]
     assert sorted(e["site"] for e in computed) == ["attn_out", "residual"]
     assert len({e["key"] for e in events}) == 2 and len(events) == 4
-    assert len(list((study / "activations").rglob("manifest.json"))) == 2
+    assert len({e["similarity_key"] for e in events}) == 2  # each capture also took the validation rows' teacher
+    assert len(list((study / "activations").rglob("manifest.json"))) == 4
 
     # confirmation + report: baselines and the best config on the test split
     with open(study / "report.csv") as fh:
