@@ -16,6 +16,12 @@ import torch.nn.functional as F
 ALIGN_LOSSES = ("mse", "nmse", "cosine")
 
 
+def masked_token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[..., B]: the mean of `values` [..., B, G] over each example's real positions (`mask` [B, G])."""
+    m = mask.to(values.dtype)
+    return (values * m).sum(-1) / m.sum(-1).clamp_min(1)
+
+
 def alignment_loss(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -40,8 +46,7 @@ def alignment_loss(
     tokens = m.sum(dim=1).clamp_min(1)  # [B]
     hidden = student.shape[-1]
     if kind == "cosine":
-        per_token = 1 - F.cosine_similarity(student, teacher, dim=-1)  # [L, B, G]
-        per_layer = (per_token * m).sum(-1) / tokens  # [L, B]
+        per_layer = masked_token_mean(1 - F.cosine_similarity(student, teacher, dim=-1), mask)  # [L, B]
     else:
         sq = ((student - teacher) ** 2).sum(-1)  # [L, B, G]
         per_layer = (sq * m).sum(-1) / (tokens * hidden)
@@ -59,8 +64,7 @@ def answer_ce_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tens
     """Cross-entropy of `targets` [B, G] under `logits` [B, G, V], mean over each example's tokens,
     then over the batch."""
     nll = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")  # [B, G]
-    m = mask.to(nll.dtype)
-    return ((nll * m).sum(1) / m.sum(1).clamp_min(1)).mean()
+    return masked_token_mean(nll, mask).mean()
 
 
 def joint_loss(align: torch.Tensor, ce: torch.Tensor, ce_weight: float) -> torch.Tensor:
@@ -77,5 +81,4 @@ def kd_loss(logits: torch.Tensor, top_ids: torch.Tensor, top_logp: torch.Tensor,
     student = student - student.logsumexp(-1, keepdim=True)
     teacher = top_logp.float() - top_logp.float().logsumexp(-1, keepdim=True)
     per_token = (teacher.exp() * (teacher - student)).sum(-1)  # [B, G]
-    m = mask.to(per_token.dtype)
-    return ((per_token * m).sum(1) / m.sum(1).clamp_min(1)).mean()
+    return masked_token_mean(per_token, mask).mean()

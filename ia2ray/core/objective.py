@@ -51,6 +51,17 @@ def response_logits(model, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
     return logits
 
 
+def student_activations(model, batch: Batch, site: str, layers: Optional[list[int]], stop_early: bool = False):
+    """(decoder output, or None when `stop_early` cut the forward at the deepest recorded layer; the site's
+    activations at the response positions [L, B, G, d]) of the student reading `batch`."""
+    with ActivationRecorder(model, site, layers, stop_early=stop_early) as rec:
+        out = rec.forward_until(base_model(model).get_decoder(), input_ids=batch.input_ids,
+                                attention_mask=batch.attention_mask, use_cache=False)
+        acts = rec.stack()  # [L, B, T, d]
+    index = batch.positions[None, :, :, None].expand(acts.shape[0], -1, -1, acts.shape[-1])
+    return out, torch.gather(acts, 2, index)
+
+
 def stage_loss(model, batch: Batch, objective: StageObjective) -> torch.Tensor:
     """Loss of one batch for the stage (a scalar with graph)."""
     decoder = base_model(model).get_decoder()
@@ -67,12 +78,7 @@ def stage_loss(model, batch: Batch, objective: StageObjective) -> torch.Tensor:
     layers = list(objective.layers) if objective.layers is not None else None
     # The align stage needs nothing above its deepest aligned layer: stop the forward there.
     stop_early = objective.kind == "align" and objective.stop_early
-    with ActivationRecorder(model, objective.site, layers, stop_early=stop_early) as rec:
-        out = rec.forward_until(decoder, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                use_cache=False)
-        acts = rec.stack()  # [L, B, T, d]
-    index = batch.positions[None, :, :, None].expand(acts.shape[0], -1, -1, acts.shape[-1])
-    student = torch.gather(acts, 2, index)  # [L, B, G, d]
+    out, student = student_activations(model, batch, objective.site, layers, stop_early)  # [L, B, G, d]
     weights = None if objective.layer_weights is None else torch.tensor(objective.layer_weights)
     align = alignment_loss(student, batch.teacher, batch.position_mask, objective.align_loss, weights)
     if objective.kind == "align":

@@ -143,8 +143,6 @@ def run_in_process(req: RunRequest) -> RunResult:
     # seconds: model load, teacher + items, stage training, evaluation (with the ICL baseline and similarity)
     timings = {k: round(b - a, 3) for k, a, b in zip(("load_s", "prepare_s", "train_stages_s", "eval_s"),
                                                     clock, clock[1:])}
-    if "sim" in metrics:
-        timings["sim_s"] = metrics["sim"].pop("seconds")
     return RunResult(results, metrics, answers, layers, loads, loads, node_name(), timings, model=model,
                      tokenizer=tokenizer)
 
@@ -178,9 +176,10 @@ def run_pipeline(cfg: RunConfig, *, data: Optional[RunData] = None, progress: bo
             summary["icl"] = result.metrics["icl"]
         summary["stages"] = [r for r, _ in result.stages]
         summary |= {key: result.metrics[key] for key, _, _ in evals.sets}
-    if "sim" in result.metrics:
-        summary["sim"] = result.metrics["sim"]
     summary["timings"] = {"setup_s": round(setup, 3), **result.timings}
+    if "sim" in result.metrics:  # its seconds (measured where the model is) go with the other timings
+        summary["sim"] = {k: v for k, v in result.metrics["sim"].items() if k != "seconds"}
+        summary["timings"]["sim_s"] = result.metrics["sim"]["seconds"]
     if result.workers:
         summary["workers"] = result.workers
     history = [{"stage": r["name"], **h} for r, hist in result.stages for h in hist]

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from ia2ray.core.batches import TrainItem, collate
-from ia2ray.core.sites import ActivationRecorder, base_model
+from ia2ray.core.losses import masked_token_mean
+from ia2ray.core.objective import student_activations
 
 
 @dataclass
@@ -38,8 +39,7 @@ def token_cosines(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tens
     if student.shape != teacher.shape:
         raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} shapes differ")
     cos = F.cosine_similarity(student.float(), teacher.float(), dim=-1, eps=1e-12)  # [L, B, G]
-    m = mask.to(cos.dtype)
-    return ((cos * m).sum(-1) / m.sum(-1).clamp_min(1)).transpose(0, 1)
+    return masked_token_mean(cos, mask).transpose(0, 1)
 
 
 @torch.no_grad()
@@ -48,16 +48,11 @@ def row_similarities(model, items: list[TrainItem], site: str, pad_id: int, devi
     item's teacher activations (one forward per batch, no gradients, the model's current adapter)."""
     was_training = model.training
     model.eval()
-    decoder = base_model(model).get_decoder()
     out: list[list[float]] = []
     try:
         for start in range(0, len(items), batch_size):
             batch = collate(items[start : start + batch_size], pad_id).to(device)
-            with ActivationRecorder(model, site, None) as rec:
-                rec.forward_until(decoder, input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-                acts = rec.stack()  # [L, B, T, d]
-            index = batch.positions[None, :, :, None].expand(acts.shape[0], -1, -1, acts.shape[-1])
-            student = torch.gather(acts, 2, index)
+            _, student = student_activations(model, batch, site, None)
             out += token_cosines(student, batch.teacher, batch.position_mask).tolist()
     finally:
         model.train(was_training)

@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import csv
 import io
-import logging
 import math
 from pathlib import Path
 
 from ia2ray.core.stats import mean_std
 from ia2ray.fileio import write_text_atomic
 from ia2ray.study.plots import plot_overlap, plot_similarity
-
-log = logging.getLogger(__name__)
 
 BASE = "base (no adapter)"
 

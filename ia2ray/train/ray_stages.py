@@ -126,8 +126,6 @@ def run_with_ray(req: RunRequest, tracking: Optional[dict] = None) -> RunResult:
     driver_loads = LOADS["cold"] - loads
     timings = {k: round(b - a, 3) for k, a, b in zip(("load_s", "prepare_s", "train_stages_s"), clock, clock[1:])}
     timings["eval_s"] = workers.get("eval_s", 0.0)  # inside the workers, part of train_stages_s
-    if "sim" in outcome.evals:
-        timings["sim_s"] = outcome.evals["sim"].pop("seconds")
     return RunResult(results, outcome.evals, outcome.answers, layers, driver_loads + workers.get("model_loads", 0),
                      driver_loads, workers.get("node_id", ""), timings, tokenizer=tokenizer,
                      adapter_files=outcome.adapter_files, workers=workers)

@@ -383,24 +383,27 @@ def _load_teacher(job: TrainJob, wc: WorkerContext) -> dict:
         wanted |= {r.record for r in spec.train if r.record is not None}
         wanted |= {r.record for r in spec.dev[wc.rank :: wc.world] if r.record is not None}
     location, key = job.teacher_cache
-    sync = bucket_sync(location)
-    cache = open_entry(location, key, sync)  # a bucket cache: the entry is fetched to this node first
-    if sync is None:
-        require_visible(cache.path(key), "the teacher cache entry")
-    elif not cache.has(key):
-        raise CacheError(f"teacher cache entry {key} is not in {location} (its capture did not finish)")
+    cache = _cached_entry(location, key, "teacher")
     return cache.load_subset(key, sorted(wanted)) if wanted else {}
+
+
+def _cached_entry(location: str, key: str, what: str):
+    """The cache at `location` holding the complete entry `key` (a bucket cache's entry fetched to this node
+    first); a clear error when this node cannot see it."""
+    sync = bucket_sync(location)
+    cache = open_entry(location, key, sync)
+    if sync is None:
+        require_visible(cache.path(key), f"the {what} cache entry")
+    elif not cache.has(key):
+        raise CacheError(f"{what} cache entry {key} is not in {location} (its capture did not finish)")
+    return cache
 
 
 def _load_similarity(ref) -> list[TrainItem]:
     """The similarity rows with the validation teacher's activations, from its cache entry."""
     from ia2ray.core.similarity import items_from
 
-    sync = bucket_sync(ref.cache_root)
-    cache = open_entry(ref.cache_root, ref.key, sync)
-    if not cache.has(ref.key):
-        raise CacheError(f"similarity teacher entry {ref.key} is not in {ref.cache_root} (its capture did not finish)")
-    return items_from(ref, cache.load(ref.key))
+    return items_from(ref, _cached_entry(ref.cache_root, ref.key, "similarity teacher").load(ref.key))
 
 
 def _resume_state(checkpoint, resume_from: Optional[str], job: TrainJob, wc: WorkerContext) -> Optional[dict]:
