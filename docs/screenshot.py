@@ -1,4 +1,4 @@
-"""Screenshot of MLflow's compare view for a study's search trials (the README's image).
+"""Screenshot of MLflow's compare view for a study's search trials (the image in docs/tracking.md).
 
     python docs/screenshot.py --storage studies --study testbed [--out docs/mlflow-compare.png]
 

@@ -225,7 +225,7 @@ def testbed_with_remap_words(tmp_path_factory) -> str:
     """The testbed model with the paper's eight MCQ label words added to its vocabulary as whole tokens
     (new embedding rows drawn around the old ones, transformers' default). The testbed tokenizer never
     saw those words and cuts them into pieces; Qwen3 and Llama-3 keep each as one token after "Answer:"
-    (README, "Tasks and the paper's benchmarks")."""
+    (docs/config.md, "Tasks and the paper's benchmarks")."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ia2ray.data.transforms import REMAP_WORDS

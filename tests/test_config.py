@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from ia2ray.config import ConfigError, RunConfig, load_run_config, parse_override
-from ia2ray.config.reference import example_yaml, markdown_reference
+from ia2ray.config.reference import END, START, example_yaml, markdown_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,9 +116,11 @@ def test_study_file_errors_name_the_searched_key(tmp_path):
         load_run_config(path)
 
 
-def test_readme_config_reference_is_generated_from_the_schema():
-    readme = (ROOT / "README.md").read_text()
-    assert markdown_reference() in readme, "README config reference is stale: paste markdown_reference()"
+def test_docs_config_reference_is_generated_from_the_schema():
+    page = (ROOT / "docs" / "config.md").read_text()
+    assert f"{START}\n{markdown_reference()}{END}" in page, (
+        "docs/config.md config reference is stale: paste markdown_reference() between its config-reference "
+        "markers (python -m ia2ray.config.reference docs/config.md)")
 
 
 def test_example_yaml_round_trips_to_the_defaults():

@@ -90,7 +90,9 @@ def test_smoke_study_killed_mid_search_then_resumed(tmp_path, tiny_checkpoints, 
 
     resumed = start(tune_command(storage, "--resume", "--tracking-uri", mlflow_server), tmp_path / "resume.log")
     assert resumed.wait(timeout=600) == 0, (tmp_path / "resume.log").read_text()[-4000:]
-    log = (tmp_path / "resume.log").read_text()
+    log = (tmp_path / "resume.log").read_text()  # the console: the live view's plain lines, the final table
+    assert "phase 3/6: search" in log and "phase 5/6: confirmation" in log
+    log += (study / "logs" / "study.log").read_text()  # the rest: Ray's, Tune's and the workers' output
 
     # finished trials were kept (not run again), the interrupted one resumed from its checkpoint
     for name, mtime in finished_before.items():

@@ -1,7 +1,7 @@
 """Render the config models as documentation: commented example YAML and a Markdown reference.
 
-Both come from the pydantic field descriptions, so the CLI help, the example YAML and the README's
-config reference cannot drift apart (a test checks the README against `markdown_reference()`).
+Both come from the pydantic field descriptions, so the CLI help, the example YAML and the
+config reference in docs/config.md cannot drift apart (a test checks that page against `markdown_reference()`).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Typed configuration of one IA2 run: the single source of truth for defaults, CLI help and the
-README's config reference.
+config reference in docs/config.md.
 
 Every model forbids unknown keys. Field descriptions are written for users: they are printed by
-`python -m ia2ray.run --print-config` and rendered into the README by `ia2ray.config.reference`.
+`python -m ia2ray.run --print-config` and rendered into docs/config.md by `ia2ray.config.reference`.
 """
 
 from __future__ import annotations

@@ -147,12 +147,15 @@ def evaluate(model, tokenizer, spec: TaskSpec, examples: Sequence[Example], cfg:
 
 
 def icl_summary(runs: Sequence[dict]) -> dict:
-    """The ICL baseline's metrics: the mean over its demo draws (and each draw's accuracy)."""
+    """The ICL baseline's metrics: the mean over its demo draws (and each draw's accuracy); for label
+    tasks also every draw's reliability bins, one list (for the pooled reliability diagram)."""
     out = {"draws": len(runs), "n": runs[0]["n"]}
     for key in ("acc", "ece", "nll", "brier"):
         values = [r[key] for r in runs if r.get(key) is not None]
         out[key] = sum(values) / len(values) if values else None
     out["per_draw_acc"] = [r["acc"] for r in runs]
+    if any(r.get("reliability") for r in runs):
+        out["reliability"] = [b for r in runs for b in r.get("reliability") or []]
     return out
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Optional
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from ia2ray.config.schema import LoraConfig, ModelConfig
 from ia2ray.core.fingerprint import content_hash
@@ -19,6 +21,11 @@ from ia2ray.core.sites import lora_target_modules, num_layers
 from ia2ray.fileio import ia2ray_home
 
 log = logging.getLogger(__name__)
+
+# Known noise, silenced here, where every process that loads a model passes: peft asks transformers 5 for
+# `is_gradient_checkpointing` (a FutureWarning per model wrapped) and transformers draws a "Loading
+# weights" progress bar per load (dozens in a study's output).
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 BUILTIN_PREFIX = "builtin:tiny-"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -117,6 +124,7 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", keep: bool 
         _kept = None  # free the old model before loading the new one
     path = model_dir(cfg)
     tokenizer = load_tokenizer(cfg)
+    hf_logging.disable_progress_bar()  # the "Loading weights" bar (see the note at the top)
     model = AutoModelForCausalLM.from_pretrained(
         path, revision=cfg.revision, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
     )

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 
-from typing import Optional
+from typing import Optional, Sequence
 
 from ia2ray.config.schema import StudyFile
 from ia2ray.study.plan import TrialPlan
@@ -59,12 +59,13 @@ def tuned_note(study: StudyFile, method: str, chosen: Optional[dict]) -> str:
     return f"lr in {{{grid}}} -> {chosen['lr']:g} (validation, subsets {seeds})"
 
 
-def run_baselines(study: StudyFile, ctx: TrialContext, plan: TrialPlan, resume: bool, has_ece: bool):
+def run_baselines(study: StudyFile, ctx: TrialContext, plan: TrialPlan, resume: bool, has_ece: bool,
+                  callbacks: Sequence = ()):
     """Tune the baselines' learning rates; returns (method -> chosen, errors)."""
     grid = baseline_grid(study)
     if not grid:
         return {}, []
-    results = run_grid("baselines", baseline_trial, baseline_dirname, grid, ctx, plan, resume)
+    results = run_grid("baselines", baseline_trial, baseline_dirname, grid, ctx, plan, resume, callbacks)
     metric_keys = [m for m, _ in objectives(study, has_ece)]
     done = [{"method": r.config["row"]["method"], "lr": r.config["row"]["lr"], "metrics": r.metrics}
             for r in results if not r.error and all(m in (r.metrics or {}) for m in metric_keys)]
@@ -104,21 +105,23 @@ def confirm_dirname(trial) -> str:
     return f"confirm-{trial.trial_id}"
 
 
-def run_confirm(rows: list[dict], ctx: TrialContext, plan: TrialPlan, resume: bool):
-    return run_grid("confirm", confirm_trial, confirm_dirname, rows, ctx, plan, resume)
+def run_confirm(rows: list[dict], ctx: TrialContext, plan: TrialPlan, resume: bool, callbacks: Sequence = ()):
+    return run_grid("confirm", confirm_trial, confirm_dirname, rows, ctx, plan, resume, callbacks)
 
 
-def run_grid(name: str, fn, dirname, rows: list[dict], ctx: TrialContext, plan: TrialPlan, resume: bool):
+def run_grid(name: str, fn, dirname, rows: list[dict], ctx: TrialContext, plan: TrialPlan, resume: bool,
+             callbacks: Sequence = ()):
     """Run (or resume) the Tune experiment `<study>/<name>`: the function trainable `fn` once per row
-    (`config["row"]`), with the trials' resources and concurrency; returns Tune's ResultGrid."""
+    (`config["row"]`), with the trials' resources and concurrency; returns Tune's ResultGrid.
+    `callbacks`: Tune callbacks (the live view)."""
     from ray import tune
 
     root = ctx.remote or ctx.study_dir  # Tune keeps its experiment in the bucket itself
     trainable = tune.with_resources(tune.with_parameters(fn, ctx=ctx), plan.pg_factory())
-    return fit_experiment(f"{root}/{name}", trainable, resume, lambda: tune.Tuner(
+    return fit_experiment(f"{root}/{name}", trainable, resume, callbacks, lambda: tune.Tuner(
         trainable, param_space={"row": tune.grid_search(rows)},
         tune_config=tune.TuneConfig(max_concurrent_trials=plan.concurrency, reuse_actors=True,
                                     trial_dirname_creator=dirname),
-        run_config=tune.RunConfig(name=name, storage_path=root, verbose=1,
+        run_config=tune.RunConfig(name=name, storage_path=root, verbose=1, callbacks=list(callbacks),
                                   failure_config=tune.FailureConfig(max_failures=0)),
     ))

@@ -25,6 +25,7 @@ from ia2ray.fileio import write_json_atomic, write_text_atomic
 from ia2ray.mirror import check_remote, is_remote, join, local_copy, pull, push, read_text
 from ia2ray.mirror import exists as exists_remote
 from ia2ray.study.cluster import check_cluster, cluster_shape
+from ia2ray.study.console import StudyView
 from ia2ray.study.plan import TrialPlan, plan_trials
 from ia2ray.study.space import candidates, check_space, describe, describe_conditions
 from ia2ray.study.trial import TrialContext, objectives
@@ -257,14 +258,15 @@ def study_id(study_dir: Path) -> str:
     return known or uuid.uuid4().hex[:16]
 
 
-def run_study(p: PreparedStudy, resume: bool) -> dict:
+def run_study(p: PreparedStudy, resume: bool, view: Optional[StudyView] = None) -> dict:
     """Run the study (Ray must be reachable); returns {"table", "report", "errors", "timings", "rows",
     "tracking"}. Raises ConfigError / TrackingError before any compute when the cluster or MLflow
-    does not fit."""
+    does not fit. `view`: the live view to keep up to date (none: nothing is shown)."""
     from ia2ray.core.teacher import model_fingerprint
     from ia2ray.study.records import start_study_run
     from ia2ray.train.launch import ensure_ray, pin_train_helpers
 
+    view = view or StudyView()
     ensure_ray()
     check_cluster(p.remote or str(p.study_dir.parent), p.study.study.shared_storage, p.tracking_uri,
                   cluster_shape())
@@ -277,6 +279,7 @@ def run_study(p: PreparedStudy, resume: bool) -> dict:
     p.fingerprint = model_fingerprint(p.base)  # once per study: trials and captures get it passed down
     sid = study_id(p.study_dir)
     p.study_dir.mkdir(parents=True, exist_ok=True)
+    view.study(p.study.name, p.location, p.study_dir)
     write_text_atomic(p.study_dir / "study.yaml", dump_yaml(p.study))
     parent, tracking = None, None
     if p.tracking_uri:
@@ -287,14 +290,16 @@ def run_study(p: PreparedStudy, resume: bool) -> dict:
                                            p.base.task.name, describe(p.study), p.fingerprint)
         log.info("MLflow: %s, experiment %s, study run %s", p.tracking_uri, p.study.name, parent.run_id)
     write_json_atomic(p.study_dir / "study.json", {"name": p.study.name, "study": p.study.model_dump(mode="json"),
-                                                    "source": p.source, "started": time.time(), "study_id": sid})
+                                                    "source": p.source, "started": time.time(), "study_id": sid,
+                                                    "has_ece": p.has_ece, "ece_scheme": p.base.eval.ece_scheme,
+                                                    "tracking_uri": p.tracking_uri})
     upload(p)
     try:
         if parent is None:
-            return _run(p, resume, None, None)
+            return _run(p, resume, None, None, view)
         with parent.running(p.study_dir / PENDING_FILE):
             try:
-                outcome = _run(p, resume, parent, tracking)
+                outcome = _run(p, resume, parent, tracking, view)
             finally:  # also when the study fails or is interrupted: no trial run is left RUNNING
                 download_runs(p)
                 problems = close_trial_runs(p.study_dir, tracking)
@@ -342,12 +347,12 @@ def close_trial_runs(study_dir: Path, tracking: dict) -> list[str]:
     return problems
 
 
-def _run(p: PreparedStudy, resume: bool, parent, tracking: Optional[dict]) -> dict:
+def _run(p: PreparedStudy, resume: bool, parent, tracking: Optional[dict], view: StudyView) -> dict:
     import ray
 
     from ia2ray.core.model import weight_bytes
-    from ia2ray.study.confirm import confirmation_rows, run_baselines, run_confirm
-    from ia2ray.study.report import write_pareto_csv, write_report
+    from ia2ray.study.confirm import baseline_grid, confirmation_rows, run_baselines, run_confirm
+    from ia2ray.study.report import CONFIRM_FILE, build_report
     from ia2ray.study.search import close_stale_trials, completed_trials, pareto_front, run_search
     from ia2ray.study.teacher import capture_all, teacher_variants
     from ia2ray.study.records import finish_study_run
@@ -359,12 +364,16 @@ def _run(p: PreparedStudy, resume: bool, parent, tracking: Optional[dict]) -> di
         log.info("%s", line)
     ctx = TrialContext(str(p.study_dir), p.base.model_dump(mode="json"), p.study.model_dump(mode="json"), tracking,
                        p.remote, p.fingerprint)
+    variants = teacher_variants(p.base, p.study)
+    view.phase("teacher capture", len(variants))
     t = time.perf_counter()
-    capture_all(teacher_variants(p.base, p.study), p.study_dir, plan.use_gpu, p.fingerprint)
+    capture_all(variants, p.study_dir, plan.use_gpu, p.fingerprint)
     timings["teacher"] = time.perf_counter() - t
+    view.done = len(variants)
 
+    view.phase("search", p.study.study.num_trials)
     t = time.perf_counter()
-    grid = run_search(p.study, ctx, plan, p.has_ece, resume)
+    grid = run_search(p.study, ctx, plan, p.has_ece, resume, [view.tune_callback()])
     close_stale_trials(p.study, p.study_dir)
     timings["search"] = time.perf_counter() - t
     download_runs(p)
@@ -375,15 +384,19 @@ def _run(p: PreparedStudy, resume: bool, parent, tracking: Optional[dict]) -> di
         raise RuntimeError("no search trial completed:\n" + "\n".join(errors))
     front = pareto_front(p.study, p.study_dir, p.has_ece)
 
+    if baseline_grid(p.study):
+        view.phase("baselines' learning rates", len(baseline_grid(p.study)))
     t = time.perf_counter()
-    chosen, failed = run_baselines(p.study, ctx, plan, resume, p.has_ece)
+    chosen, failed = run_baselines(p.study, ctx, plan, resume, p.has_ece, [view.tune_callback()])
     download_runs(p)
     errors += failed
     timings["baselines"] = time.perf_counter() - t
 
     t = time.perf_counter()
     rows = confirmation_rows(p.study, front, chosen, len(trials))
-    confirm = run_confirm(rows, ctx, plan, resume) if rows else []
+    write_json_atomic(p.study_dir / CONFIRM_FILE, {"rows": rows})
+    view.phase("confirmation", len(rows))
+    confirm = run_confirm(rows, ctx, plan, resume, [view.tune_callback()]) if rows else []
     download_runs(p, adapters_of=rows)
     timings["confirm"] = time.perf_counter() - t
     errors += [f"confirmation {r.config['row']['label']} seed {r.config['row']['seed']}: {r.error}"
@@ -394,10 +407,10 @@ def _run(p: PreparedStudy, resume: bool, parent, tracking: Optional[dict]) -> di
              "- wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())]
     if tracking:
         lines.append(f"- MLflow: {tracking['uri']}, experiment {p.study.name}, study run {tracking['parent_run_id']}")
-    table, rows_out = write_report(p.study_dir, p.study.name, lines, rows, trials, front[: p.study.study.confirm.top_k]
-                                   or front, metrics, p.base.eval.ece_scheme)
-    write_pareto_csv(p.study_dir, front, metrics)
-    write_json_atomic(p.study_dir / "timings.json", {**timings, "trials": len(trials), "errors": errors})
+    view.phase("report")
+    write_json_atomic(p.study_dir / "timings.json", {**timings, "trials": len(trials), "errors": errors,
+                                                     "report_lines": lines})
+    table, rows_out, _ = build_report(p.study_dir, p.study, p.has_ece, lines, p.base.eval.ece_scheme, p.base.pipeline)
     if parent is not None:
         finish_study_run(parent, p.study_dir, rows_out, len(trials))
     return {"table": table, "report": f"{p.location}/report.md", "errors": errors, "timings": timings,

@@ -29,7 +29,7 @@ from ia2ray.tracking.shape import flat_params, slug, sim_metrics, split_metrics,
 log = logging.getLogger(__name__)
 
 PARENT_ARTIFACTS = ("study.yaml", "report.md", "report.csv", "trials.csv", "pareto.csv", "pareto.png",
-                    "reliability.png", "similarity.csv", "similarity.png", "overlap.csv", "overlap.png")
+                    "reliability.png", "losses.png", "similarity.csv", "similarity.png", "overlap.csv", "overlap.png")
 
 
 def code_version() -> str:
@@ -169,6 +169,26 @@ def finish_study_run(parent: RunLog, study_dir: Path, table: list[dict], n_trial
     for name in PARENT_ARTIFACTS:
         if (study_dir / name).is_file():
             parent.log_artifact(study_dir / name)
+
+
+def refresh_study_run(uri: str, study_dir: Path, table: list[dict], n_trials: int) -> tuple[Optional[str], list[str]]:
+    """Log a rebuilt report (`python -m ia2ray.report`) onto the study's MLflow run, found by the study id
+    in its study.json: the metrics, verdict tags and report artifacts of `finish_study_run`; the run
+    keeps its status (FINISHED, or KILLED / FAILED for an interrupted study). Returns (the run's id or
+    None, what could not be logged)."""
+    saved = json.loads((Path(study_dir) / "study.json").read_text())
+    try:
+        found = find_runs(uri, saved["name"], {"study_id": saved["study_id"], "role": "study"})
+    except Exception as exc:  # noqa: BLE001 - unreachable: the report stands without it
+        return None, [f"MLflow at {uri} cannot be reached ({type(exc).__name__}: {str(exc)[:300]})"]
+    if not found:
+        return None, [f"no study run with {tag('study_id')} = {saved['study_id']} in experiment {saved['name']} at {uri}"]
+    run = found[0]
+    parent = RunLog(uri, run.info.experiment_id, {tag("study_id"): saved["study_id"], tag("role"): "study"},
+                    run_name=saved["name"])
+    finish_study_run(parent, Path(study_dir), table, n_trials)
+    parent.end(run.info.status)  # attaching set it RUNNING
+    return run.info.run_id, parent.close()
 
 
 def study_runs(uri: str, study_dir: Path, where: str = "", order_by: Optional[list[str]] = None) -> list:

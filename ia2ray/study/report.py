@@ -3,7 +3,7 @@ out-of-domain targets'), paired comparisons against SFT only and ICL, the Pareto
 and reliability diagrams, written into the study folder.
 
 Files: `report.md`, `report.csv`, `trials.csv` (every completed search trial), `pareto.csv`, `pareto.png`,
-`reliability.png`, and the analyses of `ia2ray.study.analysis` (activation similarity, LoRA overlap). Standard deviations are sample standard deviations (ddof=1; 0 for one seed). A paired
+`reliability.png`, `losses.png` (the confirmation runs' stage losses), and the analyses of `ia2ray.study.analysis` (activation similarity, LoRA overlap). Standard deviations are sample standard deviations (ddof=1; 0 for one seed). A paired
 comparison takes the per-seed differences on the seeds both methods have (the same N-shot subset):
 their mean, a bootstrap 95% interval (10,000 resamples, seed 0), the two-sided paired t-test p-value
 and a verdict at 0.05 (`ia2ray.core.stats.paired`).
@@ -17,10 +17,11 @@ import json
 import math
 from pathlib import Path
 
+from ia2ray.config.schema import StudyFile
 from ia2ray.core.stats import mean_std, paired
 from ia2ray.fileio import write_text_atomic
 from ia2ray.study.analysis import write_analysis
-from ia2ray.study.plots import plot_pareto, plot_reliability
+from ia2ray.study.plots import plot_losses, plot_pareto, plot_reliability
 
 REFERENCES = {"SFT only": "sft", "ICL": "icl"}  # methods every other method is compared against, by column prefix
 PAIRED_METRICS = (("acc", True), ("ece", False))  # (metric, higher is better) on the test split
@@ -168,9 +169,18 @@ def write_pareto_csv(study_dir: Path, front: list[dict], metrics: list[str]) -> 
     write_text_atomic(study_dir / "pareto.csv", trials_csv(rows, metrics))
 
 
+def references(table: list[dict]) -> list[tuple[str, float, float]]:
+    """The confirmed baselines' (label, mean val ECE, mean val acc), for the Pareto plot."""
+    return [(r["method"], r["val_ece_mean"], r["val_acc_mean"]) for r in table
+            if not r["method"].startswith("best-") and "val_ece_mean" in r and "val_acc_mean" in r]
+
+
 def write_report(study_dir: Path, name: str, study_lines: list[str], rows: list[dict], trials: list[dict],
-                 front: list[dict], metrics: list[str], ece_scheme: str) -> tuple[str, list[dict]]:
-    """Write report.md/csv, trials.csv and the plots; returns (markdown table, table rows)."""
+                 front: list[dict], top_k: int, metrics: list[str], ece_scheme: str,
+                 pipeline: str = "") -> tuple[str, list[dict]]:
+    """Write report.md/csv, trials.csv and the plots; returns (markdown table, table rows). `front`: the
+    whole Pareto front (best first), of which the first `top_k` were confirmed; `pipeline`: the study's,
+    for trials whose pipeline was not searched."""
     runs = load_confirm_runs(study_dir, rows)
     table, targets = summarise(runs), ood_targets(runs)
     md_table, paired_md = table_markdown(table, ece_scheme), paired_markdown(table)
@@ -182,14 +192,17 @@ def write_report(study_dir: Path, name: str, study_lines: list[str], rows: list[
     write_text_atomic(study_dir / "trials.csv", trials_csv(trials, metrics))
     has_pareto = metrics[:2] == ["val/acc", "val/ece"]
     if has_pareto and trials:
-        plot_pareto(trials, front, study_dir / "pareto.png")
+        plot_pareto(trials, front, study_dir / "pareto.png", pipeline, references(table))
     plot_reliability(runs, study_dir / "reliability.png")
+    has_losses = bool(plot_losses(runs, study_dir / "losses.png"))
     analysis = write_analysis(study_dir, runs, rows)
+    selected = front[:top_k] or front
     front_lines = [f"- best-{i}: " + ", ".join(f"{m} {v:.4f}" for m, v in f["values"].items())
-                   + f" ({describe_params(f['params'])})" for i, f in enumerate(front, start=1)]
+                   + f" ({describe_params(f['params'])})" for i, f in enumerate(selected, start=1)]
     text = "\n".join([
         f"# Study {name}", "", *study_lines, "",
-        "## Confirmation on the test split (mean ± std over seeds)", "", md_table,
+        "## Confirmation on the test split (mean ± std over seeds)", "",
+        md_table if table else "(no confirmation run has finished)\n",
         "Selection used only the validation split; the test split was evaluated only here. `tuned`: what each "
         "row's configuration was chosen over, on validation.", "",
         *(["## Paired differences on the test split (method minus reference, per seed)", "", paired_md,
@@ -197,10 +210,44 @@ def write_report(study_dir: Path, name: str, study_lines: list[str], rows: list[
            "with few seeds the intervals are wide and the test has little power.", ""] if paired_md else []),
         *ood,
         *analysis,
-        f"## Search: {len(trials)} completed trials; selected configs ({metrics and ', '.join(metrics)})", "",
+        f"## Search: {len(trials)} completed trials, {len(front)} on the front; selected configs "
+        f"({metrics and ', '.join(metrics)})", "",
         *(front_lines or ["(none)"]), "",
         *(["![Pareto front](pareto.png)", ""] if has_pareto and trials else []),
-        "![Reliability diagrams (test split)](reliability.png)", "",
+        *(["![Reliability diagrams (test split)](reliability.png)", ""] if (study_dir / "reliability.png").is_file()
+          and table else []),
+        *(["![Stage losses](losses.png)", ""] if has_losses else []),
     ])
     write_text_atomic(study_dir / "report.md", text)
     return md_table, table
+
+
+CONFIRM_FILE = "confirm.json"  # the confirmation rows, written before they run (the report reads them)
+
+
+def build_report(study_dir: Path, study: StudyFile, has_ece: bool, lines: list[str], ece_scheme: str,
+                 pipeline: str = "") -> tuple[str, list[dict], int]:
+    """Every report file from what the study folder holds: Optuna's trials (`optuna.db`), the confirmation
+    rows (`confirm.json`) and their runs' summaries. The study calls it at its end; `python -m
+    ia2ray.report` calls it again on a finished or interrupted study, with the same result. Returns (the
+    markdown table, its rows, the number of completed search trials)."""
+    from ia2ray.study.search import completed_trials, optuna_url, pareto_front
+    from ia2ray.study.trial import objectives
+
+    metrics = [m for m, _ in objectives(study, has_ece)]
+    trials, front = [], []
+    if (study_dir / "optuna.db").is_file() and study_exists(optuna_url(study_dir), study.name):
+        trials = completed_trials(study, study_dir)
+        front = pareto_front(study, study_dir, has_ece) if trials else []
+    saved = study_dir / CONFIRM_FILE
+    rows = json.loads(saved.read_text())["rows"] if saved.is_file() else []
+    md_table, table = write_report(study_dir, study.name, lines, rows, trials, front, study.study.confirm.top_k,
+                                   metrics, ece_scheme, pipeline)
+    write_pareto_csv(study_dir, front, metrics)
+    return md_table, table, len(trials)
+
+
+def study_exists(url: str, name: str) -> bool:
+    import optuna
+
+    return any(s.study_name == name for s in optuna.get_all_study_summaries(storage=url))

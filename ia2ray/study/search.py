@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Sequence
 
 from ray.tune import Callback
 
@@ -61,15 +62,16 @@ def tpe_sampler(seed: int):
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True)
 
 
-def run_search(study: StudyFile, ctx: TrialContext, plan: TrialPlan, has_ece: bool, resume: bool):
-    """Run (or resume) the search; returns Tune's ResultGrid."""
+def run_search(study: StudyFile, ctx: TrialContext, plan: TrialPlan, has_ece: bool, resume: bool,
+               callbacks: Sequence[Callback] = ()):
+    """Run (or resume) the search; returns Tune's ResultGrid. `callbacks`: more Tune callbacks (the live view)."""
     from ray import tune
 
     study_dir = Path(ctx.study_dir)
     root = ctx.remote or str(study_dir)  # Tune keeps its experiment in the bucket itself
     trainable = tune.with_resources(tune.with_parameters(search_trial, ctx=ctx), plan.pg_factory())
-    callbacks = [UploadAfterTrial(ctx.remote, "optuna.db")] if ctx.remote else []
-    return fit_experiment(f"{root}/search", trainable, resume, lambda: tune.Tuner(
+    callbacks = [*callbacks, *([UploadAfterTrial(ctx.remote, "optuna.db")] if ctx.remote else [])]
+    return fit_experiment(f"{root}/search", trainable, resume, callbacks, lambda: tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
             search_alg=make_searcher(study, study_dir, has_ece), num_samples=study.study.num_trials,
@@ -94,14 +96,16 @@ class UploadAfterTrial(Callback):
         push(self.remote, self.rel)
 
 
-def fit_experiment(path: str, trainable, resume: bool, new_tuner):
+def fit_experiment(path: str, trainable, resume: bool, callbacks: Sequence[Callback], new_tuner):
     """Restore the Tune experiment at `path` with --resume when it exists (finished trials kept,
-    unfinished ones run again, errored ones left as they are), else start `new_tuner()`; run it."""
+    unfinished ones run again, errored ones left as they are), else start `new_tuner()`; run it.
+    A restored experiment keeps its own callbacks but `callbacks`' (the live view's) are handed over."""
     from ray import tune
 
     if resume and tune.Tuner.can_restore(path):
         log.info("resuming %s", path)
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False)
+        tuner._local_tuner._run_config.callbacks = [*(tuner._local_tuner._run_config.callbacks or []), *callbacks]
     else:
         tuner = new_tuner()
     return tuner.fit()

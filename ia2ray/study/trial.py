@@ -137,7 +137,16 @@ def run_and_save(cfg: RunConfig, out: Path, splits: tuple[str, ...], extra: dict
     summary.update(extra, seconds=round(time.perf_counter() - start, 3), config=resolved, driver_node=_node_id(),
                    driver_rss_mb=round(_peak_rss_mb(), 1))
     write_json_atomic(out / "summary.json", summary)
+    print(run_line(cfg.name, summary), flush=True)  # the study's log (logs/study.log): Ray streams it to the driver
     return summary
+
+
+def run_line(name: str, summary: dict) -> str:
+    """One line on a finished run: its splits' accuracy and ECE, and its seconds."""
+    parts = [f"{split} acc {m['acc']:.4f}" + (f" ECE {m['ece']:.4f}" if m.get("ece") is not None else "")
+             for split, m in summary.items() if isinstance(m, dict) and m.get("acc") is not None
+             and split in ("val", "test")]
+    return f"run {name} finished in {summary['seconds']:.1f} s: {', '.join(parts) or 'no metrics'}"
 
 
 def _peak_rss_mb() -> float:
