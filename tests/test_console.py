@@ -222,3 +222,21 @@ def test_a_study_in_a_fresh_process_prints_a_short_view_logs_the_rest_and_its_re
     with open(cut / "report.csv") as fh:
         assert [r["method"] for r in csv.DictReader(fh)] == ["ICL"]
     assert "the study has not finished" in (cut / "report.md").read_text()
+
+
+@pytest.mark.cluster
+def test_verbose_prints_everything_to_the_terminal_and_keeps_no_log(tmp_path):
+    """`--verbose`: Ray's, Tune's and the workers' output on the terminal as it comes, among the view's
+    plain lines; no logs/ folder."""
+    storage = tmp_path / "studies"
+    sets = ["study.num_trials=2", "study.search_seeds=[0]", "study.confirm.seeds=[0]", "study.confirm.baseline_lrs=[]",
+            "study.confirm.baselines=[icl]"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run([sys.executable, "-m", "ia2ray.tune", "--verbose", "--storage", str(storage),
+                          *[a for s in sets for a in ("--set", s)]], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=900)
+    console = out.stdout + out.stderr
+    assert out.returncode == 0, console[-4000:]
+    assert "phase 3/6: search (2 runs)" in console and "(search_trial pid=" in console and "run trial-" in console
+    assert "Started a local Ray instance" in console and "INFO ia2ray.study" in console
+    assert "| ICL | 0 |" in console and not (storage / "testbed" / "logs").exists()
