@@ -58,12 +58,11 @@ def has_ece_of(folder: Path, study: StudyFile, saved: dict) -> bool:
         optuna.load_study(study_name=study.name, storage=optuna_url(folder)).directions) > 1
 
 
-def rebuild(folder: Path) -> tuple[str, list[dict], int]:
-    """Write the report files of the study in `folder` again; returns (markdown table, table rows, completed
-    search trials)."""
+def rebuild(folder: Path, study: StudyFile, saved: dict) -> tuple[str, list[dict], int]:
+    """Write the report files of the study in `folder` (its study and study.json, `load_saved`) again;
+    returns (markdown table, table rows, completed search trials)."""
     from ia2ray.study.report import build_report
 
-    study, saved = load_saved(folder)
     timings = folder / "timings.json"
     lines = json.loads(timings.read_text()).get("report_lines") if timings.is_file() else None
     return build_report(folder, study, has_ece_of(folder, study, saved), lines or [UNFINISHED],
@@ -72,17 +71,15 @@ def rebuild(folder: Path) -> tuple[str, list[dict], int]:
 
 def side_by_side(names: list[str], tables: list[list[dict]]) -> str:
     """One row per method (in order of first appearance), test accuracy and ECE of each study."""
+    from ia2ray.study.report import mean_cell
+
     methods = list(dict.fromkeys(r["method"] for t in tables for r in t))
     head = " | ".join(f"{n} test acc | {n} test ECE" for n in names)
     lines = [f"| method | {head} |", "|---|" + "---|---|" * len(names)]
     for m in methods:
-        cells = []
-        for t in tables:
-            row = next((r for r in t if r["method"] == m), {})
-            for key in ("acc", "ece"):
-                mean = row.get(f"test_{key}_mean")
-                cells.append("-" if mean is None else f"{mean:.4f} ± {row[f'test_{key}_std']:.4f}")
-        lines.append(f"| {m} | {' | '.join(cells)} |")
+        rows = [next((r for r in t if r["method"] == m), {}) for t in tables]
+        lines.append(f"| {m} | " + " | ".join(f"{mean_cell(r, 'test', 'acc')} | {mean_cell(r, 'test', 'ece')}"
+                                               for r in rows) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -104,20 +101,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     hf_logging.set_verbosity_error()
     folders = [Path(s).expanduser().resolve() for s in args.studies]
     try:
-        for folder in folders:
-            load_saved(folder)
+        loaded = [load_saved(folder) for folder in folders]  # every folder checked before any is rebuilt
     except StudyFolderError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     names, tables = [], []
-    for folder in folders:
-        table, rows, n_trials = rebuild(folder)
+    for folder, (study, saved) in zip(folders, loaded):
+        table, rows, n_trials = rebuild(folder, study, saved)
         names.append(folder.name if [f.name for f in folders].count(folder.name) == 1 else str(folder))
         tables.append(rows)
         if len(folders) == 1:
             print(table, end="")
         print(f"report: {folder / 'report.md'}")
-        uri = args.tracking_uri or load_saved(folder)[1].get("tracking_uri")
+        uri = args.tracking_uri or saved.get("tracking_uri")
         if uri and uri != "none":
             from ia2ray.study.records import refresh_study_run
 

@@ -384,8 +384,8 @@ def _run(p: PreparedStudy, resume: bool, parent, tracking: Optional[dict], view:
         raise RuntimeError("no search trial completed:\n" + "\n".join(errors))
     front = pareto_front(p.study, p.study_dir, p.has_ece)
 
-    if baseline_grid(p.study):
-        view.phase("baselines' learning rates", len(baseline_grid(p.study)))
+    if grid_size := len(baseline_grid(p.study)):
+        view.phase("baselines' learning rates", grid_size)
     t = time.perf_counter()
     chosen, failed = run_baselines(p.study, ctx, plan, resume, p.has_ece, [view.tune_callback()])
     download_runs(p)

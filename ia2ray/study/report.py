@@ -106,7 +106,8 @@ def table_csv(table: list[dict]) -> str:
     return buf.getvalue()
 
 
-def _cell(row: dict, split: str, key: str) -> str:
+def mean_cell(row: dict, split: str, key: str) -> str:
+    """`mean ± std` of a table row's split metric, `-` where the row has none."""
     if f"{split}_{key}_mean" not in row:
         return "-"
     return f"{row[f'{split}_{key}_mean']:.4f} ± {row[f'{split}_{key}_std']:.4f}"
@@ -116,8 +117,8 @@ def table_markdown(table: list[dict], ece_scheme: str) -> str:
     lines = [f"| method | seeds | test acc | test ECE ({ece_scheme}) | val acc | val ECE | config | tuned |",
              "|---|---|---|---|---|---|---|---|"]
     for r in table:
-        lines.append(f"| {r['method']} | {r['seeds']} | {_cell(r, 'test', 'acc')} | {_cell(r, 'test', 'ece')} | "
-                     f"{_cell(r, 'val', 'acc')} | {_cell(r, 'val', 'ece')} | {r['params'] or 'defaults'} | "
+        lines.append(f"| {r['method']} | {r['seeds']} | {mean_cell(r, 'test', 'acc')} | {mean_cell(r, 'test', 'ece')} | "
+                     f"{mean_cell(r, 'val', 'acc')} | {mean_cell(r, 'val', 'ece')} | {r['params'] or 'defaults'} | "
                      f"{r.get('tuned') or '-'} |")
     return "\n".join(lines) + "\n"
 
@@ -148,7 +149,7 @@ def ood_markdown(table: list[dict], targets: list[str], ece_scheme: str) -> str:
     head = " | ".join(f"{t[len('ood/'):]} acc | {t[len('ood/'):]} ECE ({ece_scheme})" for t in targets)
     lines = [f"| method | seeds | {head} |", "|---|---|" + "---|---|" * len(targets)]
     for r in table:
-        cells = " | ".join(f"{_cell(r, t, 'acc')} | {_cell(r, t, 'ece')}" for t in targets)
+        cells = " | ".join(f"{mean_cell(r, t, 'acc')} | {mean_cell(r, t, 'ece')}" for t in targets)
         lines.append(f"| {r['method']} | {r['seeds']} | {cells} |")
     return "\n".join(lines) + "\n"
 
@@ -193,7 +194,7 @@ def write_report(study_dir: Path, name: str, study_lines: list[str], rows: list[
     has_pareto = metrics[:2] == ["val/acc", "val/ece"]
     if has_pareto and trials:
         plot_pareto(trials, front, study_dir / "pareto.png", pipeline, references(table))
-    plot_reliability(runs, study_dir / "reliability.png")
+    has_reliability = bool(plot_reliability(runs, study_dir / "reliability.png"))
     has_losses = bool(plot_losses(runs, study_dir / "losses.png"))
     analysis = write_analysis(study_dir, runs, rows)
     selected = front[:top_k] or front
@@ -214,8 +215,7 @@ def write_report(study_dir: Path, name: str, study_lines: list[str], rows: list[
         f"({metrics and ', '.join(metrics)})", "",
         *(front_lines or ["(none)"]), "",
         *(["![Pareto front](pareto.png)", ""] if has_pareto and trials else []),
-        *(["![Reliability diagrams (test split)](reliability.png)", ""] if (study_dir / "reliability.png").is_file()
-          and table else []),
+        *(["![Reliability diagrams (test split)](reliability.png)", ""] if has_reliability else []),
         *(["![Stage losses](losses.png)", ""] if has_losses else []),
     ])
     write_text_atomic(study_dir / "report.md", text)
